@@ -1,0 +1,232 @@
+"""Tests of the small utilities: dnnlib (EasyDict, parse_int_list), torch_utils.rng, torch_utils.distributed.
+
+The distributed helpers are checked both without a process group (world size 1) and in a real
+2-process gloo group on 127.0.0.1, started the way torchrun would (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT in the environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import dnnlib
+from torch_utils import distributed, rng
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# dnnlib.EasyDict
+
+
+def test_easydict_attributes_are_items():
+    d = dnnlib.EasyDict(lr=1e-3, batch=512)
+    assert d.lr == 1e-3 and d["batch"] == 512
+    d.dropout = 0.13
+    assert d["dropout"] == 0.13
+    d["augment"] = 0.12
+    assert d.augment == 0.12
+    del d.lr
+    assert "lr" not in d
+    assert isinstance(d, dict) and dict(d) == {"batch": 512, "dropout": 0.13, "augment": 0.12}
+
+
+def test_easydict_missing_attribute():
+    """A missing key is an AttributeError (so getattr defaults and hasattr work), not a KeyError."""
+    d = dnnlib.EasyDict(a=1)
+    with pytest.raises(AttributeError, match="missing"):
+        d.missing
+    with pytest.raises(AttributeError, match="missing"):
+        del d.missing
+    assert getattr(d, "missing", 7) == 7
+    assert not hasattr(d, "missing") and hasattr(d, "a")
+
+
+# ----------------------------------------------------------------------------------------------
+# dnnlib.parse_int_list
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0-3,7", [0, 1, 2, 3, 7]),
+        ("5", [5]),
+        ("0-0", [0]),
+        ("0-3,7,10-11", [0, 1, 2, 3, 7, 10, 11]),
+        (" 1 , 2-3 ", [1, 2, 3]),
+        ("49999-50001", [49999, 50000, 50001]),
+        ([3, 1, 2], [3, 1, 2]),
+    ],
+)
+def test_parse_int_list(text, expected):
+    assert dnnlib.parse_int_list(text) == expected
+
+
+@pytest.mark.parametrize("text", ["3-1", "a", "", "1,,2", "-1", "1.5", "1-", "0-3,x"])
+def test_parse_int_list_rejects(text):
+    with pytest.raises(ValueError):
+        dnnlib.parse_int_list(text)
+
+
+def test_parse_int_list_reversed_range_message():
+    """The message tells how to write the range."""
+    with pytest.raises(ValueError, match="1-3"):
+        dnnlib.parse_int_list("3-1")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch_utils.rng
+
+
+@pytest.mark.parametrize("fn, torch_fn", [(rng.randn, torch.randn), (rng.rand, torch.rand)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_sample_generators_equal_per_sample_draws(fn, torch_fn, dtype):
+    """Row i of a draw from a list of generators is what generator i alone draws for one sample."""
+    seeds = [3, 1, 4, 1, 5]
+    draw = fn([5, 2, 3], rng.seeded_generators(seeds), dtype=dtype)
+    assert draw.shape == (5, 2, 3) and draw.dtype == dtype
+    for i, seed in enumerate(seeds):
+        assert torch.equal(draw[i], torch_fn([2, 3], generator=torch.Generator().manual_seed(seed), dtype=dtype))
+    assert torch.equal(draw[1], draw[3])  # same seed, same sample
+
+
+def test_single_generator_equals_torch():
+    g = torch.Generator().manual_seed(9)
+    assert torch.equal(rng.randn([4, 3], g), torch.randn([4, 3], generator=torch.Generator().manual_seed(9)))
+
+
+def test_none_generator_uses_global_rng():
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        a = rng.randn([3, 2])
+        torch.manual_seed(123)
+        assert torch.equal(a, torch.randn([3, 2]))
+
+
+@pytest.mark.parametrize("count, shape", [(2, [3, 4]), (4, [3, 4]), (1, [])])
+def test_wrong_generator_count_raises(count, shape):
+    with pytest.raises(ValueError, match="generator"):
+        rng.randn(shape, rng.seeded_generators(range(count)))
+
+
+def test_randn_like_fn():
+    """randn_like_fn(generator)(x) draws like x (shape, dtype, device) from the given generators."""
+    x = torch.zeros(3, 2, 2, dtype=torch.float64)
+    got = rng.randn_like_fn(rng.seeded_generators([7, 8, 9]))(x)
+    assert got.shape == x.shape and got.dtype == x.dtype and got.device == x.device
+    assert torch.equal(got, rng.randn(x.shape, rng.seeded_generators([7, 8, 9]), dtype=torch.float64))
+    # Consecutive calls advance the generators (churn noise differs from step to step).
+    fn = rng.randn_like_fn(torch.Generator().manual_seed(0))
+    assert not torch.equal(fn(x), fn(x))
+
+
+def test_device_of():
+    assert rng.device_of(None) == torch.device("cpu")
+    assert rng.device_of(torch.Generator()) == torch.device("cpu")
+    assert rng.device_of(rng.seeded_generators([1, 2])) == torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch_utils.distributed without a process group
+
+
+@pytest.fixture
+def no_torchrun_env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_distributed_single_process(no_torchrun_env, capsys):
+    """World size 1 without initialisation: every helper works and is trivial."""
+    assert not distributed.launched_by_torchrun()
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert distributed.init() == expected
+    assert not distributed.is_initialized()
+    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
+    assert distributed.get_local_rank() == 0 and distributed.is_main()
+    distributed.barrier()
+    t = torch.tensor([1.0, 2.0])
+    out = distributed.all_reduce_sum(t)
+    assert out is t and torch.equal(t, torch.tensor([1.0, 2.0]))
+    distributed.print0("hello", 1)
+    assert capsys.readouterr().out == "hello 1\n"
+    distributed.shutdown()
+
+
+def test_launched_by_torchrun_needs_all_vars(no_torchrun_env, monkeypatch):
+    for name, value in [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")]:
+        monkeypatch.setenv(name, value)
+    assert not distributed.launched_by_torchrun()
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert distributed.launched_by_torchrun()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch_utils.distributed with 2 gloo ranks
+
+_WORKER = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch_utils import distributed
+    device = distributed.init(timeout_s=60)
+    t = torch.tensor([distributed.get_rank() + 1.0])
+    out = distributed.all_reduce_sum(t)
+    distributed.print0("PRINT0-MARKER")
+    distributed.barrier()
+    result = dict(rank=distributed.get_rank(), world=distributed.get_world_size(),
+                  local=distributed.get_local_rank(), main=distributed.is_main(),
+                  initialized=distributed.is_initialized(), device=str(device),
+                  sum=t.tolist(), in_place=out is t)
+    distributed.shutdown()
+    result["after_shutdown"] = distributed.is_initialized()
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_two_gloo_ranks():
+    """2 ranks on 127.0.0.1: world size 2, distinct ranks, all-reduce sums 1 + 2 = 3, print0 on rank 0 only."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            outputs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for out in outputs:
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, out
+        results.append(json.loads(lines[0][len("RESULT "):]))
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for out, r in zip(outputs, results):
+        assert r["world"] == 2 and r["initialized"] and not r["after_shutdown"]
+        assert r["local"] == r["rank"] and r["main"] == (r["rank"] == 0)
+        assert r["sum"] == [3.0] and r["in_place"] and r["device"] == "cpu"
+        assert ("PRINT0-MARKER" in out) == (r["rank"] == 0)

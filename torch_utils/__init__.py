@@ -1,0 +1,1 @@
+"""Low-level PyTorch utilities: distributed setup and random number generation."""

@@ -1,0 +1,1 @@
+"""PFGM++ library: kernel, preconditioning, losses, sampler."""
