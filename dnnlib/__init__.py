@@ -1,5 +1,5 @@
 """Small utilities shared by the CLIs and the library."""
 
-from dnnlib.util import EasyDict, parse_int_list
+from dnnlib.util import EasyDict, atomic_write, download, local_path, parse_int_list
 
-__all__ = ["EasyDict", "parse_int_list"]
+__all__ = ["EasyDict", "atomic_write", "download", "local_path", "parse_int_list"]

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from dnnlib.util import records_init_kwargs
 from training import schedules
 from training.pfgmpp import check_D
 
@@ -95,6 +96,7 @@ class Precond(nn.Module):
         )
 
 
+@records_init_kwargs
 class EDMPrecond(Precond):
     """EDM / PFGM++ preconditioning: unit-variance input and target at every sigma."""
 
@@ -107,6 +109,7 @@ class EDMPrecond(Precond):
         return c_skip, c_out, c_in, c_noise
 
 
+@records_init_kwargs
 class VPPrecond(Precond):
     """Score SDE variance-preserving preconditioning; noise labels are (M - 1) t(sigma)."""
 
@@ -125,6 +128,7 @@ class VPPrecond(Precond):
         return c_skip, c_out, c_in, c_noise.to(torch.float32)
 
 
+@records_init_kwargs
 class VEPrecond(Precond):
     """Score SDE variance-exploding preconditioning; noise labels are ln(sigma / 2)."""
 
@@ -137,6 +141,7 @@ class VEPrecond(Precond):
         return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
 
 
+@records_init_kwargs
 class iDDPMPrecond(Precond):  # noqa: N801 (the method's name)
     """Improved DDPM preconditioning on its discrete grid of M noise levels (for imported networks)."""
 
