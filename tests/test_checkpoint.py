@@ -1,0 +1,140 @@
+"""Native snapshots round-trip exactly; EDM / PFGM++ checkpoints import safely into our classes."""
+
+import json
+import math
+import zipfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests import edm_fixtures as fx
+from training import checkpoint, networks, preconditioning
+
+TINY_SONG = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+TINY_ADM = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+
+
+def _net(precond="EDMPrecond", model="SongUNet", D=128.0, label_dim=0, seed=0, **model_kwargs):
+    torch.manual_seed(seed)
+    channels = 3
+    out = channels * 2 if precond == "iDDPMPrecond" else channels
+    kwargs = {**(TINY_SONG if model == "SongUNet" else TINY_ADM), **model_kwargs}
+    inner = networks.NETWORKS[model](img_resolution=16, in_channels=channels, out_channels=out, label_dim=label_dim, **kwargs)
+    cls = {c.__name__: c for c in preconditioning.PRECONDITIONERS.values()}[precond]
+    return cls(inner, img_resolution=16, img_channels=channels, label_dim=label_dim, D=D).eval()
+
+
+def _outputs(net, label_dim=0):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn([3, 3, 16, 16], generator=g)
+    labels = torch.eye(label_dim)[:3] if label_dim else None
+    with torch.no_grad():
+        return net(x, torch.tensor([0.1, 1.0, 10.0]), labels)
+
+
+@pytest.mark.parametrize(
+    "precond, model, D, label_dim",
+    [("EDMPrecond", "SongUNet", 128.0, 0), ("EDMPrecond", "DhariwalUNet", math.inf, 4),
+     ("VPPrecond", "SongUNet", math.inf, 0), ("VEPrecond", "SongUNet", 2048.0, 0), ("iDDPMPrecond", "DhariwalUNet", math.inf, 0)],
+)
+def test_native_round_trip_is_exact(tmp_path, precond, model, D, label_dim):
+    net = _net(precond, model, D, label_dim)
+    path = tmp_path / "network-snapshot-000100.pt"
+    checkpoint.save_network(path, net, provenance={"dataset": "cifar10-32x32.zip", "kimg": 100})
+    payload = torch.load(path, weights_only=True)  # loads with no code execution
+    config = json.loads(payload["config"])
+    assert config["D"] == ("inf" if math.isinf(D) else D) and config["precond"]["class_name"] == precond
+    assert config["resolution"] == 16 and config["channels"] == 3 and config["label_dim"] == label_dim
+    loaded = checkpoint.load_network(path)
+    assert type(loaded) is type(net) and type(loaded.model) is type(net.model) and loaded.D == net.D
+    assert loaded.provenance == {"dataset": "cifar10-32x32.zip", "kimg": 100}
+    assert torch.equal(_outputs(loaded, label_dim), _outputs(net, label_dim))
+
+
+def _rewrite(path, mutate):
+    payload = torch.load(path, weights_only=True)
+    mutate(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda p: p.update(config=p["config"].replace('"SongUNet"', '"EvilNet"')), "unknown network class 'EvilNet'"),
+        (lambda p: p.update(config=p["config"].replace('"EDMPrecond"', '"os.system"')), "unknown preconditioner"),
+        (lambda p: p["state_dict"].pop("model.map_layer0.weight"), "missing keys: model.map_layer0.weight"),
+        (lambda p: p["state_dict"].update(extra=torch.zeros(1)), "unexpected keys: extra"),
+        (lambda p: p["state_dict"].update({"model.map_layer0.bias": torch.zeros(5)}), "wrong shapes: model.map_layer0.bias"),
+        (lambda p: p.update(version=99), "version 99"),
+    ],
+)
+def test_bad_snapshots_are_refused_with_the_reason(tmp_path, mutate, message):
+    path = tmp_path / "snap.pt"
+    checkpoint.save_network(path, _net())
+    _rewrite(path, mutate)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_network(path)
+
+
+def test_snapshot_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "snap.pt"
+    checkpoint.save_network(path, _net(seed=1))
+    before = path.read_bytes()
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        checkpoint.save_network(path, _net(seed=2))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["snap.pt"]
+
+
+@pytest.mark.parametrize("layout", ["edm-pkl", "edm-training-state", "pfgmpp-training-state", "pfgmpp-pkl"])
+def test_import_of_published_formats(tmp_path, layout):
+    """EDM / PFGM++ files load into our classes with identical weights and outputs; their code never runs."""
+    D = None if layout.startswith("edm") else 128.0
+    net = _net(D=D if D is not None else math.inf, seed=3)
+    marker = tmp_path / "MARKER"
+    record = fx.edm_precond_record(net, fx.marker_source(marker), pfgmpp_D=D)
+    if layout == "edm-pkl":
+        path = fx.write_pickle(tmp_path / "network-snapshot-000200.pkl",
+                               {"ema": record, "loss_fn": None, "augment_pipe": None, "dataset_kwargs": {"path": "c.zip"}})
+    elif layout == "edm-training-state":
+        path = fx.write_torch(tmp_path / "training-state-000200.pt", {"net": record, "optimizer_state": {"state": {}}})
+    elif layout == "pfgmpp-training-state":
+        path = fx.write_torch(tmp_path / "training-state-000200.pt",
+                              {"net": record, "ema": record, "optimizer_state": {"state": {}}, "step": 200000})
+    else:
+        path = fx.write_pickle(tmp_path / "training-state-000200.pkl", {"ema": record})
+    loaded = checkpoint.load_network(path)
+    assert not marker.exists()
+    assert loaded.D == net.D and type(loaded.model) is type(net.model)
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(_outputs(loaded), _outputs(net))
+
+
+def test_import_refuses_foreign_globals(tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    path = fx.write_pickle(tmp_path / "network-snapshot-000000.pkl", {"ema": Evil()})
+    with pytest.raises(ValueError, match="system"):
+        checkpoint.load_network(path)
+
+
+def test_convert_command(tmp_path):
+    net = _net(D=64.0, seed=4)
+    src = fx.write_pickle(tmp_path / "edm.pkl", {"ema": fx.edm_precond_record(net, "", pfgmpp_D=64.0)})
+    dest = tmp_path / "converted.pt"
+    result = CliRunner().invoke(checkpoint.main, [str(src), str(dest)])
+    assert result.exit_code == 0, result.output
+    assert zipfile.is_zipfile(dest) and "D=64.0" in result.output
+    assert torch.equal(_outputs(checkpoint.load_network(dest)), _outputs(net))
+    bad = CliRunner().invoke(checkpoint.main, [str(tmp_path / "missing.pkl"), str(dest)])
+    assert bad.exit_code == 1 and "no such file" in bad.output and "Traceback" not in bad.output

@@ -1,0 +1,206 @@
+"""Network snapshots in a format that loads without executing code, and import of EDM / PFGM++ files.
+
+A snapshot is one `torch.save` file holding only tensors and plain data, loadable with
+`torch.load(weights_only=True)`:
+
+    {"format": "pfgmpp-network", "version": 1, "config": <JSON text>, "state_dict": {name: tensor}}
+
+The JSON config names an allow-listed class and its keyword arguments for each component (the
+preconditioner and the network inside it) and repeats D, sigma_data, the preconditioning kind,
+resolution, channels, label_dim and the provenance for readers. `load_network` also reads EDM's
+`network-snapshot-*.pkl` and `training-state-*.pt` and the PFGM++ reference's files through the
+allow-listed unpickler of `training.legacy`.
+
+    python -m training.checkpoint SRC DEST     # convert any supported file to a snapshot
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from dnnlib import util
+from training import legacy, networks, preconditioning
+
+FORMAT, VERSION = "pfgmpp-network", 1
+
+_PRECONDS = {cls.__name__: cls for cls in preconditioning.PRECONDITIONERS.values()}
+_KIND = {cls.__name__: kind for kind, cls in preconditioning.PRECONDITIONERS.items()}
+
+
+def _to_json(value: Any) -> Any:
+    """JSON-able copy: tuples to lists, non-finite floats to the strings 'inf', '-inf', 'nan'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return _to_json(value.item())
+    raise ValueError(f"cannot store {type(value).__name__} {value!r} in a network config: use plain numbers, strings, lists")
+
+
+def _from_json(value: Any) -> Any:
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def network_config(net: torch.nn.Module, provenance: dict | None = None) -> dict:
+    """The JSON-able description of a preconditioned network, enough to rebuild it."""
+    precond_name, model = type(net).__name__, getattr(net, "model", None)
+    if precond_name not in _PRECONDS or not hasattr(net, "init_kwargs"):
+        raise ValueError(f"{precond_name} is not a preconditioner this format can save ({', '.join(_PRECONDS)})")
+    model_name = type(model).__name__
+    if model_name not in networks.NETWORKS or not hasattr(model, "init_kwargs"):
+        raise ValueError(f"{model_name} is not a network this format can save ({', '.join(networks.NETWORKS)})")
+    precond_kwargs = {k: v for k, v in net.init_kwargs.items() if k != "model"}
+    return _to_json({
+        "format": FORMAT,
+        "version": VERSION,
+        "precond": {"class_name": precond_name, "kwargs": precond_kwargs},
+        "model": {"class_name": model_name, "kwargs": model.init_kwargs},
+        "D": net.D,
+        "sigma_data": net.sigma_data,
+        "precond_kind": _KIND[precond_name],
+        "resolution": net.img_resolution,
+        "channels": net.img_channels,
+        "label_dim": net.label_dim,
+        "provenance": provenance or {},
+    })
+
+
+def build_network(config: dict) -> torch.nn.Module:
+    """Construct the (untrained) network a config describes; only allow-listed classes."""
+    config = _from_json(config)
+    try:
+        precond, model = config["precond"], config["model"]
+        precond_cls, model_cls = precond["class_name"], model["class_name"]
+    except (KeyError, TypeError):
+        raise ValueError("the network config lacks its 'precond' or 'model' class description") from None
+    if precond_cls not in _PRECONDS:
+        raise ValueError(f"unknown preconditioner class {precond_cls!r}; known: {', '.join(_PRECONDS)}")
+    if model_cls not in networks.NETWORKS:
+        raise ValueError(f"unknown network class {model_cls!r}; known: {', '.join(networks.NETWORKS)}")
+    try:
+        inner = networks.NETWORKS[model_cls](**model["kwargs"])
+        return _PRECONDS[precond_cls](inner, **precond["kwargs"])
+    except TypeError as error:
+        raise ValueError(f"the network config does not fit {model_cls} / {precond_cls}: {error}") from None
+
+
+def _load_strict(net: torch.nn.Module, state_dict: dict, source: str) -> None:
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k} {list(state_dict[k].shape)} (expected {list(v.shape)})"
+             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", wrong)) if items]
+    if problems:
+        raise ValueError(f"{source}: the weights do not fit the network it describes ({'; '.join(problems)})")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state_dict[name])
+
+
+def save_network(path, net: torch.nn.Module, provenance: dict | None = None) -> None:
+    """Write a snapshot of `net` (config and weights) to `path` atomically."""
+    config = network_config(net, provenance)
+    state_dict = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    payload = {"format": FORMAT, "version": VERSION, "config": json.dumps(config), "state_dict": state_dict}
+    with util.atomic_write(path) as f:
+        torch.save(payload, f)
+
+
+def _read_native(path: Path):
+    """The native payload, or None when the file is not one (legacy formats fail weights_only)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError):
+        return None
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        if payload.get("version") != VERSION:
+            raise ValueError(f"{path}: snapshot format version {payload.get('version')}; this program reads {VERSION}")
+        return payload
+    return None
+
+
+def read_checkpoint(path_or_url, entry: str | None = None) -> tuple[dict, dict]:
+    """(config, state_dict) from a snapshot or an EDM / PFGM++ checkpoint, by content.
+
+    `entry` picks the network of a legacy file: 'ema' (default when present) or 'net'.
+    """
+    path = util.local_path(path_or_url)
+    payload = _read_native(path)
+    if payload is not None:
+        return json.loads(payload["config"]), payload["state_dict"]
+    data = legacy.safe_load(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a network checkpoint (a {type(data).__name__}, not a dict)")
+    if entry is None:
+        entry = "ema" if data.get("ema") is not None else "net"
+    if data.get(entry) is None:
+        found = ", ".join(k for k, v in data.items() if isinstance(v, legacy.PersistentRecord)) or "none"
+        raise ValueError(f"{path}: has no network under {entry!r} (networks found: {found})")
+    precond, model, state_dict = legacy.network_parts(data[entry])
+    provenance = {"imported_from": path.name, "entry": entry}
+    if isinstance(data.get("dataset_kwargs"), dict):
+        provenance["dataset_kwargs"] = _to_json_lenient(data["dataset_kwargs"])
+    config = {"format": FORMAT, "version": VERSION, "precond": precond, "model": model, "provenance": provenance}
+    return _to_json(config), state_dict
+
+
+def _to_json_lenient(value: dict) -> dict:
+    """Provenance: keep what is JSON-able, describe the rest as text."""
+    out = {}
+    for k, v in value.items():
+        try:
+            out[str(k)] = _to_json(v)
+        except ValueError:
+            out[str(k)] = repr(v)
+    return out
+
+
+def load_network(path_or_url, device="cpu", entry: str | None = None) -> torch.nn.Module:
+    """Rebuild and load a network from any supported file or URL (eval mode, no gradients)."""
+    config, state_dict = read_checkpoint(path_or_url, entry)
+    net = build_network(config)
+    _load_strict(net, state_dict, str(path_or_url))
+    net.provenance = config.get("provenance", {})
+    return net.eval().requires_grad_(False).to(device)
+
+
+@click.command()
+@click.argument("source")
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--entry", type=click.Choice(["ema", "net"]), default=None, help="Network of a training state [default: ema if present].")
+def main(source: str, dest: str, entry: str | None) -> None:
+    """Convert SOURCE (a snapshot, EDM or PFGM++ .pkl/.pt, path or URL) to a safe snapshot DEST."""
+    try:
+        net = load_network(source, entry=entry)
+        save_network(dest, net, provenance=net.provenance)
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {dest}: {type(net).__name__}({type(net.model).__name__}), D={net.D}, "
+               f"{sum(p.numel() for p in net.parameters()):,} parameters")
+
+
+if __name__ == "__main__":
+    main()

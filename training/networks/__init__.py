@@ -1,0 +1,180 @@
+"""Denoiser networks F_theta: DDPM++ / NCSN++ (SongUNet) and ADM (DhariwalUNet), with EDM's presets.
+
+`NETWORKS` is the allow-list of class names that configurations and checkpoints may name.
+`network_kwargs(arch, ...)` turns train.py's options into a `{"class_name": ..., **kwargs}` dict;
+`build_network(...)` validates a configuration and constructs the module.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+
+from torch import nn
+
+from training.networks.dhariwal import DhariwalUNet
+from training.networks.songunet import SongUNet
+
+__all__ = ["ARCH_PRESETS", "NETWORKS", "DhariwalUNet", "SongUNet", "build_network", "network_kwargs"]
+
+NETWORKS: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+# The architectures of EDM's train.py (--arch): DDPM++ and NCSN++ at CIFAR-10 widths (Song et al. 2021,
+# as configured by Karras et al. 2022, Table 7), ADM at its ImageNet-64 widths (Dhariwal & Nichol 2021).
+ARCH_PRESETS: dict[str, dict] = {
+    "ddpmpp": dict(
+        class_name="SongUNet", model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
+        embedding_type="positional", encoder_type="standard", decoder_type="standard",
+        channel_mult_noise=1, resample_filter=[1, 1],
+    ),
+    "ncsnpp": dict(
+        class_name="SongUNet", model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
+        embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+        channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
+    ),
+    "adm": dict(class_name="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
+}  # fmt: skip
+
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 512
+_GIVEN_BY_BUILD = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim")
+
+
+def _int_list(value: str | int | Sequence[int], name: str) -> list[int]:
+    """A list of ints from a sequence, a single int, or a comma-separated string such as '1,2,2,2'."""
+    if isinstance(value, str):
+        items = [v for v in value.replace(" ", "").split(",") if v]
+    elif isinstance(value, int):
+        items = [value]
+    else:
+        items = list(value)
+    try:
+        return [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of integers, got {value!r}") from None
+
+
+def _resolve_class(name: str) -> tuple[type[nn.Module], dict]:
+    """The network class and preset keyword arguments for an arch name or a class name."""
+    if name in ARCH_PRESETS:
+        preset = copy.deepcopy(ARCH_PRESETS[name])
+        return NETWORKS[preset.pop("class_name")], preset
+    if name in NETWORKS:
+        return NETWORKS[name], {}
+    raise ValueError(
+        f"unknown network {name!r}; choose an arch ({', '.join(ARCH_PRESETS)}) "
+        f"or a class name ({', '.join(NETWORKS)})"
+    )
+
+
+def _check_keywords(cls: type[nn.Module], kwargs: dict) -> None:
+    """Reject keyword arguments the class does not take, listing those it does."""
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{cls.__name__} does not take {', '.join(unknown)}; it takes {', '.join(accepted)}")
+
+
+def network_kwargs(
+    arch: str,
+    cbase: int | None = None,
+    cres: str | Sequence[int] | None = None,
+    nblock: int | None = None,
+    attn: str | Sequence[int] | None = None,
+    dropout: float | None = None,
+    **extra,
+) -> dict:
+    """`{"class_name": ..., **kwargs}` for an arch preset with train.py's overrides applied.
+
+    cbase -> model_channels, cres -> channel_mult, nblock -> num_blocks, attn -> attn_resolutions;
+    `extra` may set any other constructor keyword of the class.
+    """
+    cls, kwargs = _resolve_class(arch)
+    if cbase is not None:
+        kwargs["model_channels"] = int(cbase)
+    if cres is not None:
+        kwargs["channel_mult"] = _int_list(cres, "cres")
+    if nblock is not None:
+        kwargs["num_blocks"] = int(nblock)
+    if attn is not None:
+        kwargs["attn_resolutions"] = _int_list(attn, "attn")
+    if dropout is not None:
+        kwargs["dropout"] = float(dropout)
+    kwargs.update(extra)
+    _check_keywords(cls, {k: v for k, v in kwargs.items() if k not in _GIVEN_BY_BUILD})
+    return {"class_name": cls.__name__, **kwargs}
+
+
+def _validate(cls: type[nn.Module], config: dict) -> None:
+    """ValueError for a configuration that cannot be built or silently differs from what was asked."""
+    res = config["img_resolution"]
+    if not isinstance(res, int) or res < MIN_RESOLUTION or res > MAX_RESOLUTION or res & (res - 1):
+        raise ValueError(
+            f"img_resolution must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION}, got {res!r}"
+        )
+    positive = ("in_channels", "out_channels", "model_channels", "channel_mult_emb", "channel_mult_noise", "num_blocks")
+    for name in positive:
+        if name in config and not (isinstance(config[name], int) and config[name] >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {config[name]!r}")
+    for name in ("label_dim", "augment_dim"):
+        if not (isinstance(config[name], int) and config[name] >= 0):
+            raise ValueError(f"{name} must be an integer >= 0, got {config[name]!r}")
+    mult = config["channel_mult"]
+    if not mult or any(m < 1 for m in mult):
+        raise ValueError(f"channel_mult must be a non-empty list of integers >= 1, got {mult!r}")
+    levels = len(mult)
+    if res % 2 ** (levels - 1):
+        raise ValueError(
+            f"img_resolution {res} is not divisible by 2**(len(channel_mult) - 1) = {2 ** (levels - 1)}: "
+            f"channel_mult {mult} has {levels} levels, each halving the resolution; use at most "
+            f"{res.bit_length()} levels at {res}x{res}"
+        )
+    resolutions = [res >> level for level in range(levels)]
+    absent = sorted(set(config["attn_resolutions"]) - set(resolutions))
+    if absent:
+        raise ValueError(
+            f"attn_resolutions {absent} do not occur in this network; its resolutions are {resolutions}"
+        )
+    if cls is DhariwalUNet:  # ADM's heads have 64 channels; a narrower level would silently lose its attention
+        attn = sorted(config["attn_resolutions"])
+        widths = [(r, config["model_channels"] * mult[resolutions.index(r)]) for r in attn]
+        narrow = [(r, width) for r, width in widths if width < 64]
+        if narrow:
+            where = ", ".join(f"{r}x{r} has {width}" for r, width in narrow)
+            raise ValueError(
+                f"DhariwalUNet attends with 64 channels per head, so attention needs >= 64 channels ({where}); "
+                f"raise model_channels or leave these resolutions out of attn_resolutions"
+            )
+    if not 0 <= config["dropout"] < 1 or not 0 <= config["label_dropout"] <= 1:
+        raise ValueError(f"dropout must be in [0, 1) and label_dropout in [0, 1], got {config['dropout']}, "
+                         f"{config['label_dropout']}")  # fmt: skip
+
+
+def build_network(
+    class_name_or_arch: str,
+    img_resolution: int,
+    in_channels: int,
+    out_channels: int,
+    label_dim: int = 0,
+    augment_dim: int = 0,
+    **kwargs,
+) -> nn.Module:
+    """Validate a configuration and construct the network (an arch preset, overridden by kwargs, or a class)."""
+    cls, config = _resolve_class(class_name_or_arch)
+    class_name = kwargs.pop("class_name", cls.__name__)
+    if class_name != cls.__name__:
+        raise ValueError(f"class_name {class_name!r} contradicts {class_name_or_arch!r} ({cls.__name__})")
+    config.update(kwargs)
+    _check_keywords(cls, config)
+    for key in ("channel_mult", "attn_resolutions"):
+        if key in config:
+            config[key] = _int_list(config[key], key)
+    given = dict(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
+                 label_dim=label_dim, augment_dim=augment_dim)  # fmt: skip
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    _validate(cls, {**defaults, **config, **given})
+    return cls(**given, **config)
