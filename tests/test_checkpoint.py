@@ -138,3 +138,14 @@ def test_convert_command(tmp_path):
     assert torch.equal(_outputs(checkpoint.load_network(dest)), _outputs(net))
     bad = CliRunner().invoke(checkpoint.main, [str(tmp_path / "missing.pkl"), str(dest)])
     assert bad.exit_code == 1 and "no such file" in bad.output and "Traceback" not in bad.output
+
+
+def test_load_from_url_uses_the_cache(tmp_path, http_dir, monkeypatch):
+    folder, url = http_dir
+    monkeypatch.setenv("PFGMPP_CACHE_DIR", str(tmp_path / "cache"))
+    net = _net(D=32.0, seed=5)
+    checkpoint.save_network(folder / "network-snapshot-000001.pt", net)
+    loaded = checkpoint.load_network(f"{url}/network-snapshot-000001.pt")
+    assert torch.equal(_outputs(loaded), _outputs(net))
+    (folder / "network-snapshot-000001.pt").unlink()  # the second load comes from the cache
+    assert torch.equal(_outputs(checkpoint.load_network(f"{url}/network-snapshot-000001.pt")), _outputs(net))
