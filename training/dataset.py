@@ -1,0 +1,363 @@
+"""The dataset format (EDM/StyleGAN) and the loader training reads it with.
+
+A dataset is an uncompressed ZIP, or a folder, of PNG images that all have the same resolution and
+channel count, named `00000/img00000000.png` (1000 per subfolder), plus an optional `dataset.json`:
+
+    {"labels": [["00000/img00000000.png", 6], ["00000/img00000001.png", 9], ...]}
+
+or `{"labels": null}` when unlabelled. `dataset_writer` writes this format (for
+dataset_tool.py); `ImageFolderDataset` reads it, also datasets written by EDM's tool, and yields
+`(image uint8 CHW, label float32 one-hot)`.
+It is a map-style dataset (`__len__`, `__getitem__`) for `torch.utils.data.DataLoader`; it needs no
+torch itself and knows nothing of distributed sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import secrets
+import shutil
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+LABELS_FILE = "dataset.json"
+IMAGES_PER_FOLDER = 1000
+
+
+class DatasetError(ValueError):
+    """A dataset or a dataset source is unusable; the message says what is wrong and what to do."""
+
+
+def archive_name(index: int) -> str:
+    """The name of image `index` inside a dataset: 1234 -> '00001/img00001234.png'."""
+    return f"{index // IMAGES_PER_FOLDER:05d}/img{index:08d}.png"
+
+
+def _readable_extensions() -> frozenset[str]:
+    """File extensions of the image formats PIL can open ('.png', '.jpg', ...)."""
+    PIL.Image.init()
+    return frozenset(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
+
+
+def is_image_name(name: str) -> bool:
+    """True for a relative name with an image extension and no hidden part ('.x', '__MACOSX')."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if any(part.startswith(".") or part == "__MACOSX" for part in path.parts):
+        return False
+    return path.suffix.lower() in _readable_extensions()
+
+
+def labels_json(labels: list[tuple[str, int]] | None) -> str:
+    """The text of dataset.json: {"labels": [[name, int], ...]} or {"labels": null}."""
+    return json.dumps({"labels": None if labels is None else [[name, int(label)] for name, label in labels]})
+
+
+def parse_labels_json(text: str | bytes, where: str) -> dict[str, int] | None:
+    """Read dataset.json text into {name: class index}, or None for "labels": null; `where` names the file."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{where} is not valid JSON ({error}); fix it or delete it") from None
+    if not isinstance(data, dict) or "labels" not in data:
+        raise DatasetError(f'{where} must be an object with a "labels" key: {{"labels": [["name.png", 3], ...]}}')
+    entries = data["labels"]
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise DatasetError(f'{where}: "labels" must be a list of [name, class index] pairs or null')
+    labels: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+        if not ok or isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0:
+            raise DatasetError(
+                f'{where}: labels entry {i} is {json.dumps(entry)[:80]}; expected ["name.png", class index >= 0]'
+            )
+        name = entry[0].replace("\\", "/")
+        if name in labels:
+            raise DatasetError(f"{where}: {name!r} is labelled twice (entries of the same name)")
+        labels[name] = entry[1]
+    return labels
+
+
+def check_destination(dest: str | os.PathLike, *, overwrite: bool, source: str | None = None) -> Path:
+    """Validate --dest: not empty, not an existing dataset (unless `overwrite`), never the source itself."""
+    if not str(dest).strip():
+        raise DatasetError("--dest must name a .zip file or a folder")
+    path = Path(dest).expanduser()
+    if path.suffix.lower() == ".zip" and path.is_dir():
+        raise DatasetError(f"--dest {dest} ends in .zip but is a folder; name the ZIP differently or remove the folder")
+    if path.exists() or path.is_symlink():
+        empty_dir = path.is_dir() and not any(path.iterdir())
+        if not empty_dir and not overwrite:
+            raise DatasetError(f"--dest {dest} already exists; pass --overwrite to replace it, or choose another")
+    if source is not None:
+        src, dst = Path(source).resolve(), path.resolve()
+        if src == dst or dst in src.parents:
+            raise DatasetError(f"--dest {dest} would replace the source {source}; choose a --dest outside the source")
+    return path
+
+
+@contextlib.contextmanager
+def dataset_writer(dest: str | os.PathLike) -> Iterator[Callable[[str, bytes], None]]:
+    """Yield write(name, data) into a temporary ZIP or folder beside `dest`, renamed onto `dest` on success.
+
+    The ZIP is uncompressed (PNGs do not shrink) with fixed timestamps, so equal inputs give equal
+    bytes. The output is synced to disk before the rename; on any error the temporary is removed and
+    `dest` is left as it was. A killed process leaves only a hidden `.tmp-*` entry.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}.{secrets.token_hex(4)}")
+    try:
+        if dest.suffix.lower() == ".zip":
+            with open(tmp, "xb") as f:
+                with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+                    yield lambda name, data: zf.writestr(_zip_info(name), data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            tmp.mkdir()
+            yield functools.partial(_write_file, tmp)
+            if hasattr(os, "sync"):
+                os.sync()  # one flush for all files; an fsync per file would cost hours for a million images
+        _replace(tmp, dest)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _zip_info(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def _write_file(root: Path, name: str, data: bytes) -> None:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` onto `dest`, moving an existing `dest` aside first and deleting it afterwards."""
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.with_name(f".tmp-{dest.name}.old-{secrets.token_hex(4)}")
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        _remove(old)
+    with contextlib.suppress(OSError):  # make the rename durable (not every platform opens folders)
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def image_array(image: PIL.Image.Image, where: str) -> np.ndarray:
+    """An 8-bit grayscale ('L') or RGB PIL image as a uint8 CHW array."""
+    if image.mode not in ("L", "RGB"):
+        raise DatasetError(
+            f"{where} is a {image.mode} image; datasets hold 8-bit grayscale or RGB PNGs. "
+            "Rebuild it with dataset_tool.py (--channels=rgb or --channels=gray converts)"
+        )
+    array = np.asarray(image, dtype=np.uint8)
+    return array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+class ImageFolderDataset:
+    """Images and labels of a dataset ZIP or folder: item i is (uint8 [C, H, W], float32 [label_dim])."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resolution: int | None = None,
+        use_labels: bool = False,
+        max_size: int | None = None,
+        xflip: bool = False,
+        cache: bool = False,
+        random_seed: int = 0,
+    ) -> None:
+        self._path = os.fspath(path)
+        self._cache = cache
+        self._cached: dict[int, np.ndarray] = {}
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+        if os.path.isdir(self._path):
+            self._is_zip = False
+            names = [
+                os.path.relpath(os.path.join(root, f), self._path).replace("\\", "/")
+                for root, _dirs, files in os.walk(self._path)
+                for f in files
+            ]
+        elif os.path.isfile(self._path) and zipfile.is_zipfile(self._path):
+            self._is_zip = True
+            names = [info.filename for info in self._zipfile().infolist() if not info.is_dir()]
+        else:
+            what = "does not exist" if not os.path.exists(self._path) else "is neither a folder nor a ZIP"
+            raise DatasetError(f"dataset {self._path} {what}; build one with dataset_tool.py (see docs/datasets.md)")
+        self._image_names = sorted(n for n in names if is_image_name(n))  # EDM's order: plain string sort
+        if not self._image_names:
+            raise DatasetError(f"dataset {self._path} holds no images")
+        self._image_shape = list(self._load_image(0).shape)
+        self._check_shape(resolution)
+        self._labels = self._load_labels(LABELS_FILE in names) if use_labels else None
+        self._label_dim = 0 if self._labels is None else int(self._labels.max()) + 1
+        self._close_zip()  # reopened lazily in each process that reads (DataLoader workers)
+
+        # max_size picks the same subset as EDM (seeded shuffle, then sorted); xflip appends mirrors.
+        self._raw_idx = np.arange(len(self._image_names), dtype=np.int64)
+        if max_size is not None and max_size < self._raw_idx.size:
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
+            self._raw_idx = np.sort(self._raw_idx[:max_size])
+        self._xflip = np.zeros(self._raw_idx.size, dtype=bool)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    def _check_shape(self, resolution: int | None) -> None:
+        """The first image fixes the shape: square, and of `resolution` when one is asked for."""
+        c, h, w = self._image_shape
+        where = f"{self._path}: {self._image_names[0]}"
+        if h != w:
+            raise DatasetError(f"{where} is {w}x{h}; training needs square images (dataset_tool.py --resolution)")
+        if resolution is not None and h != resolution:
+            raise DatasetError(
+                f"dataset {self._path} has {w}x{h} images but resolution={resolution} was asked for; "
+                f"rebuild it with dataset_tool.py --resolution={resolution}x{resolution}"
+            )
+
+    def _load_labels(self, present: bool) -> np.ndarray:
+        """Class indices of the images in order, from dataset.json; an error if there are none."""
+        table = None
+        if present:
+            with self._open(LABELS_FILE) as f:
+                table = parse_labels_json(f.read(), f"{self._path}: {LABELS_FILE}")
+        if table is None:
+            reason = "has no dataset.json" if not present else 'has "labels": null in dataset.json'
+            raise DatasetError(
+                f"dataset {self._path} {reason}, so it cannot be used with labels (use_labels / --cond=1); "
+                "train unconditionally, or rebuild it with labels (dataset_tool.py --labels-from-folders "
+                "or a dataset.json in the source folder)"
+            )
+        missing = [n for n in self._image_names if n not in table]
+        if missing:
+            where = f"{self._path}: {LABELS_FILE}"
+            raise DatasetError(f"{where} has no label for {missing[0]} ({len(missing)} images lack one)")
+        return np.array([table[n] for n in self._image_names], dtype=np.int64)
+
+    def _zipfile(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():  # never share a handle across processes
+            self._zip = zipfile.ZipFile(self._path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def _close_zip(self) -> None:
+        if self._zip is not None and self._zip_pid == os.getpid():
+            self._zip.close()
+        self._zip, self._zip_pid = None, None
+
+    def _open(self, name: str):
+        if self._is_zip:
+            return self._zipfile().open(name, "r")
+        return open(os.path.join(self._path, name), "rb")
+
+    def _load_image(self, raw_idx: int) -> np.ndarray:
+        name = self._image_names[raw_idx]
+        where = f"{self._path}: {name}"
+        try:
+            with self._open(name) as f, PIL.Image.open(f) as image:
+                image.load()
+                return image_array(image, where)
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+            if isinstance(error, DatasetError):
+                raise
+            raise DatasetError(f"cannot read {where} ({error}); rebuild the dataset with dataset_tool.py") from None
+
+    def close(self) -> None:
+        """Close the ZIP handle of this process (it reopens on the next read)."""
+        self._close_zip()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    def __len__(self) -> int:
+        return int(self._raw_idx.size)
+
+    def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        raw_idx = int(self._raw_idx[idx])
+        image = self._cached.get(raw_idx)
+        if image is None:
+            image = self._load_image(raw_idx)
+            if list(image.shape) != self._image_shape:
+                c, h, w = image.shape
+                raise DatasetError(
+                    f"{self._path}: {self._image_names[raw_idx]} is {w}x{h} with {c} channels but the dataset's "
+                    f"first image is {self._image_shape[2]}x{self._image_shape[1]} with {self._image_shape[0]}; "
+                    "rebuild it with dataset_tool.py (--resolution, --channels) so all images agree"
+                )
+            if self._cache:
+                self._cached[raw_idx] = image
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def get_label(self, idx: int) -> np.ndarray:
+        """The label of item `idx`: one-hot float32 [label_dim], or float32 [0] without labels."""
+        onehot = np.zeros([self.label_dim], dtype=np.float32)
+        if self._labels is not None:
+            onehot[self._labels[self._raw_idx[idx]]] = 1
+        return onehot
+
+    @property
+    def name(self) -> str:
+        """The dataset's file or folder name without extension ('cifar10-32x32')."""
+        return os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
+
+    @property
+    def image_shape(self) -> list[int]:
+        """[C, H, W]."""
+        return list(self._image_shape)
+
+    @property
+    def num_channels(self) -> int:
+        """1 (grayscale) or 3 (RGB)."""
+        return self._image_shape[0]
+
+    @property
+    def resolution(self) -> int:
+        """Height = width of the images."""
+        return self._image_shape[1]
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes (largest label + 1), or 0 without labels."""
+        return self._label_dim
+
+    @property
+    def has_labels(self) -> bool:
+        """True when the dataset was opened with use_labels (which requires labels)."""
+        return self._labels is not None
