@@ -133,6 +133,18 @@ def test_cache_is_off_by_default_and_keeps_images_when_on(tmp_path: Path) -> Non
         plain[1]
 
 
+def test_cache_respects_its_memory_bound(tmp_path: Path) -> None:
+    """With room for one 8x8x3 image only, the second is read from disk each time."""
+    path = write_edm_dataset(tmp_path / "folder", rgb_images(2), None)
+    bounded = ImageFolderDataset(path, cache=True, cache_limit_gib=(3 * 8 * 8 + 1) / 2**30)
+    bounded[0], bounded[1]
+    (path / "00000" / "img00000000.png").unlink()
+    (path / "00000" / "img00000001.png").unlink()
+    bounded[0]  # cached
+    with pytest.raises(ValueError, match="cannot read .*img00000001.png"):
+        bounded[1]
+
+
 def test_pickles_and_works_in_dataloader_workers(tmp_path: Path) -> None:
     images = rgb_images()
     path = write_edm_dataset(tmp_path / "d.zip", images, list(range(N)))

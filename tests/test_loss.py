@@ -135,3 +135,14 @@ def test_loss_step_makes_no_host_sync_on_gpu(D):
         loss_fn(Recorder(), images, generator=g).sum()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("D", [4.0, math.inf])
+def test_drawing_the_global_batch_and_slicing_equals_drawing_in_place(D):
+    """loss(draws=draw(...)) is the loss with its own draws; slices of a global draw serve sub-batches."""
+    images, loss_fn = _images(6), loss.EDMLoss(D=D)
+    own = loss_fn(Recorder(), images, generator=torch.Generator().manual_seed(8))
+    draws = loss_fn.draw(images.shape, "cpu", torch.Generator().manual_seed(8))
+    torch.testing.assert_close(loss_fn(Recorder(), images, draws=draws), own, rtol=0, atol=0)
+    halves = [loss_fn(Recorder(), images[i : i + 3], draws=(draws[0][i : i + 3], draws[1][i : i + 3])) for i in (0, 3)]
+    torch.testing.assert_close(torch.cat(halves), own, rtol=0, atol=0)

@@ -86,3 +86,12 @@ def shutdown() -> None:
     """Leave the process group, if any."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a picklable value such as a path); identity without a group."""
+    if not is_initialized():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

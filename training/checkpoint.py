@@ -31,7 +31,7 @@ from training import legacy, networks, preconditioning
 
 FORMAT, VERSION = "pfgmpp-network", 1
 
-_PRECONDS = {cls.__name__: cls for cls in preconditioning.PRECONDITIONERS.values()}
+PRECONDS = {cls.__name__: cls for cls in preconditioning.PRECONDITIONERS.values()}
 _KIND = {cls.__name__: kind for kind, cls in preconditioning.PRECONDITIONERS.items()}
 
 
@@ -63,8 +63,8 @@ def _from_json(value: Any) -> Any:
 def network_config(net: torch.nn.Module, provenance: dict | None = None) -> dict:
     """The JSON-able description of a preconditioned network, enough to rebuild it."""
     precond_name, model = type(net).__name__, getattr(net, "model", None)
-    if precond_name not in _PRECONDS or not hasattr(net, "init_kwargs"):
-        raise ValueError(f"{precond_name} is not a preconditioner this format can save ({', '.join(_PRECONDS)})")
+    if precond_name not in PRECONDS or not hasattr(net, "init_kwargs"):
+        raise ValueError(f"{precond_name} is not a preconditioner this format can save ({', '.join(PRECONDS)})")
     model_name = type(model).__name__
     if model_name not in networks.NETWORKS or not hasattr(model, "init_kwargs"):
         raise ValueError(f"{model_name} is not a network this format can save ({', '.join(networks.NETWORKS)})")
@@ -92,13 +92,13 @@ def build_network(config: dict) -> torch.nn.Module:
         precond_cls, model_cls = precond["class_name"], model["class_name"]
     except (KeyError, TypeError):
         raise ValueError("the network config lacks its 'precond' or 'model' class description") from None
-    if precond_cls not in _PRECONDS:
-        raise ValueError(f"unknown preconditioner class {precond_cls!r}; known: {', '.join(_PRECONDS)}")
+    if precond_cls not in PRECONDS:
+        raise ValueError(f"unknown preconditioner class {precond_cls!r}; known: {', '.join(PRECONDS)}")
     if model_cls not in networks.NETWORKS:
         raise ValueError(f"unknown network class {model_cls!r}; known: {', '.join(networks.NETWORKS)}")
     try:
         inner = networks.NETWORKS[model_cls](**model["kwargs"])
-        return _PRECONDS[precond_cls](inner, **precond["kwargs"])
+        return PRECONDS[precond_cls](inner, **precond["kwargs"])
     except TypeError as error:
         raise ValueError(f"the network config does not fit {model_cls} / {precond_cls}: {error}") from None
 

@@ -200,10 +200,12 @@ class ImageFolderDataset:
         xflip: bool = False,
         cache: bool = False,
         random_seed: int = 0,
+        cache_limit_gib: float = 8.0,
     ) -> None:
         self._path = os.fspath(path)
         self._cache = cache
         self._cached: dict[int, np.ndarray] = {}
+        self._cache_left = int(cache_limit_gib * 2**30)  # per process: decoded images beyond it are not kept
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
         if os.path.isdir(self._path):
@@ -319,8 +321,9 @@ class ImageFolderDataset:
                     f"first image is {self._image_shape[2]}x{self._image_shape[1]} with {self._image_shape[0]}; "
                     "rebuild it with dataset_tool.py (--resolution, --channels) so all images agree"
                 )
-            if self._cache:
+            if self._cache and image.nbytes <= self._cache_left:
                 self._cached[raw_idx] = image
+                self._cache_left -= image.nbytes
         if self._xflip[idx]:
             image = image[:, :, ::-1]
         return image.copy(), self.get_label(idx)

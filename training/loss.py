@@ -41,16 +41,30 @@ class KernelLoss:
         data = y if reference is None else torch.cat([y, reference.to(y.dtype)])
         return pfgmpp.posterior_mean(perturbed, sigma, self.D, data, chunk=self.stf_chunk)
 
-    def __call__(self, net, images, labels=None, augment_pipe=None, generator=None, reference=None):
+    def draw(self, shape, device, generator: rng.Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma [B], noise n [B, ...]) for a batch of `shape`: sigma first, then the kernel noise.
+
+        Drawing the whole global batch on every rank and slicing it makes training independent of the
+        number of ranks and of gradient accumulation.
+        """
+        sigma = self.sample_sigma(shape[0], device, generator)
+        return sigma, pfgmpp.sample_prior(shape, sigma, self.D, generator=generator, device=device)
+
+    def __call__(self, net, images, labels=None, augment_pipe=None, generator=None, reference=None, draws=None):
+        """Per-element weighted loss; `draws` = (sigma, noise) from `draw`, else drawn here from `generator`."""
         if self.stf and labels is not None:
             raise ValueError(
                 "the stable target field averages over an unlabelled reference batch: "
                 "train conditional models without stf"
             )
-        sigma = self.sample_sigma(images.shape[0], images.device, generator)
+        if draws is None:
+            sigma = self.sample_sigma(images.shape[0], images.device, generator)
+        else:
+            sigma, n = draws
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-        n = pfgmpp.sample_perturbation(y, sigma, self.D, generator)
-        perturbed = y + n
+        if draws is None:
+            n = pfgmpp.sample_perturbation(y, sigma, self.D, generator)
+        perturbed = y + n.to(y.dtype)
         sigma_b = sigma.reshape(-1, *([1] * (y.ndim - 1)))
         denoised = net(perturbed, sigma_b, labels, augment_labels=augment_labels)
         target = self.target(y, perturbed, sigma, reference)
@@ -58,17 +72,20 @@ class KernelLoss:
 
 
 class EDMLoss(KernelLoss):
-    """EDM / PFGM++ loss: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+    """EDM / PFGM++ loss: ln(sigma / sigma_scale) ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, **kwargs):
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, sigma_scale: float = 1.0,
+                 **kwargs):
         super().__init__(**kwargs)
-        if not P_std > 0 or not sigma_data > 0:
-            raise ValueError(f"P_std and sigma_data must be > 0, got {P_std} and {sigma_data}")
+        if not P_std > 0 or not sigma_data > 0 or not sigma_scale > 0:
+            raise ValueError(f"P_std, sigma_data and sigma_scale must be > 0, got {P_std}, {sigma_data}, {sigma_scale}")
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+        self.sigma_scale = float(sigma_scale)  # PFGM++ trains LSUN 256^2 with sigma scaled by 380/80
 
     def sample_sigma(self, batch, device, generator=None):
         rnd_normal = rng.randn([batch], generator, device=device, dtype=torch.float32)
-        return (rnd_normal * self.P_std + self.P_mean).exp()
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        return sigma if self.sigma_scale == 1.0 else sigma * self.sigma_scale
 
     def weight(self, sigma):
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2

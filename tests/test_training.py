@@ -1,0 +1,212 @@
+"""train.py end to end on CPU: rank/accumulation invariance, exact resume, preemption, CLI errors."""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train
+from training import checkpoint, training_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--nblock=1", "--attn=4", "--dropout=0", "--augment=0",
+        "--workers=0", "--precision=fp32", "--grid=4", "--seed=3"]
+
+
+def make_dataset(path: Path, count: int = 64, resolution: int = 8, labels: bool = True) -> Path:
+    """An EDM-format ZIP of smooth random images (and labels), written directly in the format."""
+    rng = np.random.default_rng(0)
+    names = []
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for i in range(count):
+            base = rng.integers(0, 256, size=[1, 1, 3])
+            image = np.clip(base + rng.integers(-20, 20, size=[resolution, resolution, 3]), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            PIL.Image.fromarray(image).save(buf, format="PNG")
+            name = f"00000/img{i:08d}.png"
+            z.writestr(name, buf.getvalue())
+            names.append([name, i % 4])
+        z.writestr("dataset.json", json.dumps({"labels": names if labels else None}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny-8x8.zip")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+
+
+def run_train(outdir: Path, args: list[str], nproc: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """train.py in a subprocess; with nproc > 1 under torchrun (gloo on 127.0.0.1)."""
+    launcher = [sys.executable, str(ROOT / "train.py")]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "train.py")]
+    result = subprocess.run([*launcher, f"--outdir={outdir}", "--nosubdir", *TINY, *args], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def final_state(outdir: Path) -> dict:
+    path = training_loop.find_resume_state(outdir)
+    assert path is not None, list(outdir.iterdir())
+    return training_loop.read_state(path)
+
+
+def _assert_weights(a: dict, b: dict, exact: bool):
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):
+    """Same seed and global batch: torchrun with 2 ranks, 1 process, and --batch-gpu accumulation agree."""
+    args = [f"--data={data}", "--cond=1", "--pfgmpp=1", "--aug_dim=64", "--batch=8", "--duration=0.000032", "--tick=0.016"]
+    run_train(tmp_path / "one", args)
+    run_train(tmp_path / "accum", [*args, "--batch-gpu=2"])
+    run_train(tmp_path / "two", args, nproc=2)
+    one, accum, two = (final_state(tmp_path / d) for d in ("one", "accum", "two"))
+    assert one["step"] == accum["step"] == two["step"] == 4
+    _assert_weights(one["net"], accum["net"], exact=False)
+    _assert_weights(one["net"], two["net"], exact=False)
+    _assert_weights(one["ema"], two["ema"], exact=False)
+    other_seed = run_train(tmp_path / "seed", [*args, "--seed=4"]) and final_state(tmp_path / "seed")
+    assert not torch.allclose(other_seed["net"]["model.map_layer0.weight"], one["net"]["model.map_layer0.weight"])
+
+
+def test_resumed_run_is_bitwise_identical(data, tmp_path):
+    """N steps straight == N/2 steps, then --resume, then N/2 (dropout on: it is seeded per step)."""
+    args = [f"--data={data}", "--pfgmpp=1", "--aug_dim=128", "--batch=8", "--tick=0.016", "--dropout=0.1"]
+    run_train(tmp_path / "straight", [*args, "--duration=0.000048"])
+    run_train(tmp_path / "half", [*args, "--duration=0.000024"])
+    half_state = training_loop.find_resume_state(tmp_path / "half")
+    run_train(tmp_path / "resumed", [*args, "--duration=0.000048", f"--resume={half_state}"])
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert straight["step"] == resumed["step"] == 6
+    _assert_weights(straight["net"], resumed["net"], exact=True)
+    _assert_weights(straight["ema"], resumed["ema"], exact=True)
+
+
+def test_outputs_of_a_run(data, tmp_path):
+    """A run writes its options, log, stats per tick, a safe EMA snapshot that loads, and a sample grid."""
+    run_train(tmp_path, [f"--data={data}", "--cond=1", "--batch=8", "--duration=0.000032", "--tick=0.016", "--snap=1"])
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"training_options.json", "log.txt", "stats.jsonl", "network-snapshot-000000.pt", "samples-000000.png"} <= names
+    ticks = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [t["tick"] for t in ticks] == [0, 1] and all(np.isfinite(t["loss"]) for t in ticks)
+    assert ticks[-1]["nonfinite_grad_steps"] == 0 and set(ticks[-1]["loss_by_sigma"]) and ticks[-1]["steps"] == 2
+    net = checkpoint.load_network(tmp_path / "network-snapshot-000000.pt")
+    assert net.label_dim == 4 and net.img_resolution == 8
+    assert PIL.Image.open(tmp_path / "samples-000000.png").size == (17, 17)  # 2 x 2 images of 8 px, 1 px apart
+
+
+def test_loss_falls_on_a_tiny_dataset(tmp_path):
+    data = make_dataset(tmp_path / "d.zip", count=32, labels=False)
+    run_train(tmp_path / "run", [f"--data={data}", "--batch=16", "--lr=0.002", "--lr_rampup=0", "--duration=0.0032",
+                                 "--tick=0.32", "--grid=0", "--snap=100"])
+    ticks = [json.loads(line)["loss"] for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert len(ticks) == 10 and np.mean(ticks[-3:]) < 0.7 * ticks[0], ticks
+
+
+def test_sigterm_writes_a_state_that_resumes(data, tmp_path):
+    out = tmp_path / "run"
+    args = [f"--data={data}", "--batch=8", "--duration=10", "--tick=0.008", "--grid=0", "--snap=1000"]
+    launcher = [sys.executable, str(ROOT / "train.py"), f"--outdir={out}", "--nosubdir", *TINY, *args]
+    proc = subprocess.Popen(launcher, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("tick 2") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "received signal" in output
+    state = final_state(out)
+    assert state["step"] >= 3
+    resumed = run_train(out, [*args, "--duration=0.000064", "--resume=auto"])
+    assert "resumed from" in resumed.stdout and final_state(out)["step"] == 8
+
+
+def test_truncated_state_is_skipped_with_a_warning(data, tmp_path):
+    run_train(tmp_path, [f"--data={data}", "--batch=8", "--duration=0.000016", "--tick=0.008", "--grid=0"])
+    good = training_loop.find_resume_state(tmp_path)
+    newer = tmp_path / "training-state-000099.pt"
+    newer.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert training_loop.find_resume_state(tmp_path) == good
+    assert any("training-state-000099.pt" in str(w.message) for w in caught)
+
+
+def test_dry_run_prints_the_config(data, tmp_path):
+    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", "--pfgmpp=1", "--aug_dim=2048", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output[: result.output.rindex("}") + 1])
+    assert config["D"] == 2048 and config["loss_kwargs"]["D"] == 2048 and config["precond_kwargs"]["D"] == 2048
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--aug_dim=128"], "--pfgmpp=1"),
+        (["--pfgmpp=1", "--aug_dim=0"], "D must be > 0"),
+        (["--pfgmpp=1", "--aug_dim=-2"], "D must be > 0"),
+        (["--pfgmpp=1", "--aug_dim=abc"], "not a number"),
+        (["--pfgmpp=1"], "--aug_dim"),
+        (["--batch=10", "--batch-gpu=4"], "not divisible"),
+        (["--transfer=x.pt", "--resume=auto"], "cannot be combined"),
+        (["--stf=1", "--cond=1"], "--stf"),
+        (["--resume=missing.pt"], "no such training state"),
+        (["--arch=unet"], "arch"),
+    ],
+)
+def test_bad_options_are_click_errors(data, tmp_path, args, message):
+    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", *args, "--dry-run"])
+    assert result.exit_code == 2 if "Invalid value" in result.output or "Usage" in result.output else result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("problem", ["missing", "unlabelled"])
+def test_bad_data_is_a_click_error(tmp_path, problem):
+    path = tmp_path / "nothing.zip" if problem == "missing" else make_dataset(tmp_path / "u.zip", count=4, labels=False)
+    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={path}", "--cond=1", "--dry-run"])
+    assert result.exit_code == 1 and "Error" in result.output and "Traceback" not in result.output
+
+
+def test_grid_tiles_images_in_order():
+    from training import images
+
+    tiles = np.stack([np.full([2, 3, 1], 10 * (i + 1), dtype=np.uint8) for i in range(5)])
+    picture = np.asarray(images.grid(tiles, cols=3, pad=1))
+    assert picture.shape == (5, 11)  # 2 rows of 2 px + 1 pad; 3 columns of 3 px + 2 pads
+    assert picture[0, 0] == 10 and picture[0, 4] == 20 and picture[0, 8] == 30 and picture[3, 0] == 40 and picture[3, 4] == 50
+    assert picture[2, 0] == 128 and picture[0, 3] == 128 and picture[3, 8] == 128  # separators and the empty slot

@@ -1,0 +1,386 @@
+"""The training loop: DDP, gradient accumulation, EMA, ticks, snapshots and exact resume.
+
+Everything random in a step is drawn from generators seeded by (seed, step), so a run does not depend
+on how it is split: the global batch's data indices and its (sigma, noise) draws are the same on 1 rank,
+on N ranks, or with --batch-gpu accumulation, and each rank slices its rows. Dropout and augmentation
+draw per rank from (seed, step, rank), so they differ with the rank count (documented). Resuming from
+a training state at step s repeats the uninterrupted run bitwise on the same hardware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from dnnlib.util import EasyDict, atomic_write
+from torch_utils import distributed
+from training import checkpoint, images, networks, sampling
+from training.stats import TickStats
+
+STATE_FORMAT, STATE_VERSION = "pfgmpp-training-state", 1
+STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
+
+
+def mixed_seed(*values: int) -> int:
+    """A 63-bit seed mixed from integers (numpy's SeedSequence): distinct tuples give unrelated streams."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class GlobalBatchSampler:
+    """This rank's index lists, round by round: global batch `step` holds positions step*B ... step*B+B-1
+    of an endless sequence of seeded epoch permutations; rank k takes rows [k*B/W, (k+1)*B/W), in rounds
+    of `batch_gpu`. Starting at `start_step` resumes the data order exactly."""
+
+    def __init__(self, size: int, batch_size: int, batch_gpu: int, rank: int, world: int, seed: int, start_step: int = 0):
+        self.size, self.batch_size, self.batch_gpu = size, batch_size, batch_gpu
+        self.offset = rank * (batch_size // world)
+        self.rounds = batch_size // world // batch_gpu
+        self.seed, self.start_step = seed, start_step
+        self._epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.size
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, 3))
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g).tolist()
+        return self._perm[position % self.size]
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            for r in range(self.rounds):
+                first = step * self.batch_size + self.offset + r * self.batch_gpu
+                yield [self._index(p) for p in range(first, first + self.batch_gpu)]
+            step += 1
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT / SIGUSR1 (preemption); the loop writes a state and exits cleanly."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1")) if s is not None)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def find_resume_state(run_dir: Path) -> Path | None:
+    """The newest training state in `run_dir` that loads; unreadable ones are skipped with a warning."""
+    found = sorted((int(m.group(1)), p) for p in Path(run_dir).glob("training-state-*.pt") if (m := STATE_PATTERN.match(p.name)))
+    for _, path in reversed(found):
+        try:
+            read_state(path)
+            return path
+        except Exception as error:  # noqa: BLE001 (any damage: truncation, wrong format)
+            warnings.warn(f"skipping {path.name}: it does not load ({error})", stacklevel=2)
+    return None
+
+
+def read_state(path) -> dict:
+    """Load a training state with weights_only=True and check its format."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a training state of this program")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path}: training state version {state.get('version')}; this program reads {STATE_VERSION}")
+    return state
+
+
+def write_state(path: Path, net, ema, optimizer, step: int, cur_nimg: int, config: dict) -> None:
+    """Write a training state atomically (weights, EMA, optimizer, position)."""
+    state = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "config": json.dumps(config),
+        "step": step,
+        "cur_nimg": cur_nimg,
+        "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+    }
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def _set_precision(c: EasyDict, device: torch.device) -> None:
+    tf32 = c.precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = device.type == "cuda" and c.get("cudnn_benchmark", True)
+
+
+def build_networks(c: EasyDict, dataset, device):
+    """The trained network (train mode) and its EMA copy, from the config and the dataset's shape."""
+    out_channels = dataset.num_channels * (2 if c.precond_class == "iDDPMPrecond" else 1)
+    model = networks.build_network(c.network_class, dataset.resolution, dataset.num_channels, out_channels,
+                                   label_dim=dataset.label_dim, **c.network_kwargs)
+    precond = checkpoint.PRECONDS[c.precond_class]
+    net = precond(model, img_resolution=dataset.resolution, img_channels=dataset.num_channels,
+                  label_dim=dataset.label_dim, **c.precond_kwargs)
+    net.train().requires_grad_(True).to(device)
+    if c.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    return net, ema
+
+
+def ema_beta(c: EasyDict, cur_nimg: int) -> float:
+    """EDM's EMA decay per step: half-life ema_halflife_kimg, ramped up as ema_rampup_ratio * images seen."""
+    ema_nimg = c.ema_halflife_kimg * 1000
+    if c.ema_rampup_ratio is not None:
+        ema_nimg = min(ema_nimg, cur_nimg * c.ema_rampup_ratio)
+    return 0.5 ** (c.batch_size / max(ema_nimg, 1e-8))
+
+
+def learning_rate(c: EasyDict, cur_nimg: int) -> float:
+    """Linear ramp-up over lr_rampup_kimg, then constant."""
+    return c.lr * min(cur_nimg / max(c.lr_rampup_kimg * 1000, 1e-8), 1.0)
+
+
+class Trainer:
+    """One training run: state, one optimizer step, ticks, snapshots."""
+
+    def __init__(self, c: EasyDict, run_dir: Path, dataset, device: torch.device, loss_fn, augment_pipe=None):
+        self.c, self.run_dir, self.dataset, self.device = c, Path(run_dir), dataset, device
+        self.loss_fn, self.augment_pipe = loss_fn, augment_pipe
+        self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+        self.batch_rank = c.batch_size // self.world
+        self.rounds = self.batch_rank // c.batch_gpu
+        torch.manual_seed(mixed_seed(c.seed, 5))  # initial weights: a function of the seed, equal on all ranks
+        self.net, self.ema = build_networks(c, dataset, device)
+        if c.get("transfer"):
+            self._transfer(c.transfer)
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.eps, fused=fused or None)
+        self.ddp = self.net
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=[device] if fused else None)
+        self.model = torch.compile(self.ddp) if c.compile else self.ddp
+        self.step, self.cur_nimg = 0, 0
+        self.stats = TickStats(device)
+
+    def _transfer(self, source: str) -> None:
+        """Start from the weights of a snapshot (EDM/PFGM++ files too) with the same architecture."""
+        weights = checkpoint.load_network(source).state_dict()
+        try:
+            self.net.load_state_dict(weights)
+            self.ema.load_state_dict(weights)
+        except RuntimeError as error:
+            raise ValueError(f"--transfer={source} does not fit the network being trained: {error}") from None
+
+    def resume(self, path: Path) -> None:
+        """Load weights, EMA, optimizer and position from a training state."""
+        state = read_state(path)
+        self.net.load_state_dict(state["net"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+
+    def _batches(self, batch_size: int | None = None, seed: int | None = None):
+        """Endless iterator of this rank's (images, labels) rounds from the current step on.
+
+        With `batch_size` and `seed`: the same whole batch on every rank (the STF reference batch)."""
+        if batch_size is None:
+            sampler = GlobalBatchSampler(len(self.dataset), self.c.batch_size, self.c.batch_gpu, self.rank, self.world,
+                                         self.c.seed, start_step=self.step)
+        else:
+            sampler = GlobalBatchSampler(len(self.dataset), batch_size, batch_size, 0, 1, seed, start_step=self.step)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.c.workers,
+                                             pin_memory=self.device.type == "cuda", persistent_workers=self.c.workers > 0,
+                                             prefetch_factor=2 if self.c.workers > 0 else None)
+        return iter(loader)
+
+    def _reference(self, references):
+        if references is None:
+            return None
+        images, _ = next(references)
+        return images.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1
+
+    def train_step(self, batches, references=None) -> None:
+        """One optimizer step over the global batch, accumulated in rounds of batch_gpu per rank."""
+        c, dev = self.c, self.device
+        torch.manual_seed(mixed_seed(c.seed, self.step, self.rank, 1))  # dropout: per (step, rank), resumable
+        g = torch.Generator(dev).manual_seed(mixed_seed(c.seed, self.step, 0))
+        sigma, noise = self.loss_fn.draw([c.batch_size, *self.dataset.image_shape], dev, g)
+        g_aug = torch.Generator(dev).manual_seed(mixed_seed(c.seed, self.step, self.rank, 2))
+        augment = None if self.augment_pipe is None else (lambda y: self.augment_pipe(y, generator=g_aug))
+        reference = self._reference(references)
+        self.optimizer.zero_grad(set_to_none=True)
+        for r in range(self.rounds):
+            images, labels = next(batches)
+            images = images.to(dev, non_blocking=True).to(torch.float32) / 127.5 - 1
+            labels = labels.to(dev, non_blocking=True) if self.dataset.label_dim else None
+            if c.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            rows = slice(self.rank * self.batch_rank + r * c.batch_gpu, self.rank * self.batch_rank + (r + 1) * c.batch_gpu)
+            sync = r == self.rounds - 1 or self.world == 1
+            with (self.ddp.no_sync() if not sync else contextlib.nullcontext()), self._autocast():
+                loss = self.loss_fn(self.model, images, labels, augment_pipe=augment, draws=(sigma[rows], noise[rows]),
+                                    reference=reference)
+            self.stats.add_loss(loss.detach().flatten(1).mean(dim=1), sigma[rows])
+            loss.sum().mul(c.loss_scaling / self.batch_rank).backward()
+        self._optimizer_step()
+
+    def _autocast(self):
+        if self.c.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _optimizer_step(self) -> None:
+        c = self.c
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(c, self.cur_nimg)
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros([], device=self.device)
+        self.stats.add_step(norm)
+        for grad in grads:  # non-finite gradients are counted above and zeroed here (EDM zeroes them silently)
+            torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        self.optimizer.step()
+        self.cur_nimg += c.batch_size
+        self.step += 1
+        beta = ema_beta(c, self.cur_nimg)
+        with torch.no_grad():
+            ema_params = list(self.ema.parameters())
+            torch._foreach_lerp_(ema_params, [p.detach() for p in self.net.parameters()], 1 - beta)
+            for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
+                b_ema.copy_(b_net)
+
+    # ------------------------------------------------------------------------------------------
+    # Ticks, snapshots, states.
+
+    def snapshot(self) -> None:
+        """Rank 0: the EMA network in the safe format, and a grid of samples from it."""
+        kimg = self.cur_nimg // 1000
+        provenance = {"run_dir": str(self.run_dir), "kimg": self.cur_nimg / 1000, "step": self.step,
+                      "dataset": self.c.dataset_kwargs.get("path"), "training_options": "training_options.json"}
+        checkpoint.save_network(self.run_dir / f"network-snapshot-{kimg:06d}.pt", self.ema, provenance)
+        if self.c.grid_count > 0:
+            generators = [torch.Generator(self.device).manual_seed(s) for s in range(self.c.grid_count)]
+            labels = None
+            if self.dataset.label_dim:
+                labels = torch.eye(self.dataset.label_dim, device=self.device)[torch.arange(self.c.grid_count) % self.dataset.label_dim]
+            with torch.no_grad():
+                options = dict(num_steps=self.c.grid_steps)
+                x = sampling.sample(self.ema, sampling.prior_latents(self.ema, generators, **options), labels, **options)
+            images.save_png(self.run_dir / f"samples-{kimg:06d}.png", images.grid(images.to_uint8(x).cpu().numpy()))
+
+    def save_state(self) -> Path:
+        """Rank 0: write training-state-NNNNNN.pt; the previous states stay intact on failure."""
+        path = self.run_dir / f"training-state-{self.cur_nimg // 1000:06d}.pt"
+        try:
+            write_state(path, self.net, self.ema, self.optimizer, self.step, self.cur_nimg, self.c)
+        except OSError as error:
+            raise OSError(f"could not write {path} ({error}); earlier states in {self.run_dir} are intact") from None
+        return path
+
+    def report_tick(self, tick: int, tick_start: tuple[int, float], log: logging.Logger) -> dict:
+        """Reduce the tick's statistics over ranks; rank 0 prints a line and appends stats.jsonl."""
+        stats = self.stats.reduce()
+        nimg, t = self.cur_nimg - tick_start[0], time.time() - tick_start[1]
+        peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+        stats.update(tick=tick, kimg=self.cur_nimg / 1000, step=self.step, lr=learning_rate(self.c, self.cur_nimg),
+                     ema_beta=ema_beta(self.c, self.cur_nimg), sec_per_tick=t, sec_per_kimg=t / max(nimg / 1000, 1e-9),
+                     img_per_sec=nimg / max(t, 1e-9), peak_gpu_gib=peak_gpu,
+                     cpu_rss_gib=psutil.Process().memory_info().rss / 2**30, timestamp=time.time())
+        if distributed.is_main():
+            log.info(f"tick {tick:<5d} kimg {stats['kimg']:<9.3f} loss {stats['loss']:<8.4f} sec/kimg {stats['sec_per_kimg']:<8.2f} "
+                     f"img/s {stats['img_per_sec']:<8.1f} gradnorm {stats['grad_norm']:<8.3f} nonfinite {stats['nonfinite_grad_steps']} "
+                     f"gpumem {peak_gpu:<5.2f} cpumem {stats['cpu_rss_gib']:.2f}")
+            with open(self.run_dir / "stats.jsonl", "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            self._tensorboard(stats)
+        return stats
+
+    def _tensorboard(self, stats: dict) -> None:
+        """TensorBoard events beside stats.jsonl, when the tensorboard package is installed."""
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._writer = None
+            else:
+                self._writer = SummaryWriter(str(self.run_dir))
+        if self._writer is None:
+            return
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and key not in ("tick", "timestamp"):
+                self._writer.add_scalar(f"train/{key}", value, global_step=int(stats["kimg"] * 1000))
+        for name, value in stats["loss_by_sigma"].items():
+            if value is not None:
+                self._writer.add_scalar(f"loss_by_sigma/{name}", value, global_step=int(stats["kimg"] * 1000))
+        self._writer.flush()
+
+    def should_stop(self, flag: StopFlag) -> bool:
+        """All ranks agree whether a stop signal arrived (one small all-reduce every stop_check_steps)."""
+        if self.world == 1:
+            return flag.signal is not None
+        if self.step % self.c.stop_check_steps:
+            return False
+        t = torch.tensor([1.0 if flag.signal is not None else 0.0], device=self.device)
+        return bool(distributed.all_reduce_sum(t).item() > 0)
+
+
+def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, augment_pipe=None,
+                  resume: str | os.PathLike | None = None) -> dict:
+    """Train until c.total_kimg or a stop signal; returns the last tick's statistics."""
+    log = logging.getLogger("pfgmpp.train")
+    device = distributed.init()
+    _set_precision(c, device)
+    trainer = Trainer(c, Path(run_dir), dataset, device, loss_fn, augment_pipe)
+    if resume is not None:
+        trainer.resume(Path(resume))
+        if distributed.is_main():
+            log.info(f"resumed from {resume} at kimg {trainer.cur_nimg / 1000:.3f} (step {trainer.step})")
+    batches = trainer._batches()
+    references = trainer._batches(c.rbatch, mixed_seed(c.seed, 4)) if c.stf else None
+    total_nimg, tick, stats = int(c.total_kimg * 1000), 0, {}
+    tick_start = (trainer.cur_nimg, time.time())
+    with StopFlag() as flag:
+        while True:
+            done = trainer.cur_nimg >= total_nimg
+            stop = not done and trainer.should_stop(flag)
+            tick_end = trainer.cur_nimg >= tick_start[0] + c.kimg_per_tick * 1000
+            if done or stop or (tick_end and trainer.cur_nimg > tick_start[0]):
+                if trainer.cur_nimg > tick_start[0]:
+                    stats = trainer.report_tick(tick, tick_start, log)
+                    tick += 1
+                if distributed.is_main():
+                    if done or (c.snapshot_ticks and tick % c.snapshot_ticks == 0):
+                        trainer.snapshot()
+                    if done or stop or (c.state_dump_ticks and tick % c.state_dump_ticks == 0):
+                        path = trainer.save_state()
+                        if stop:
+                            log.info(f"received signal {flag.signal}: wrote {path.name}; resume with --resume=auto")
+                distributed.barrier()
+                if done or stop:
+                    break
+                tick_start = (trainer.cur_nimg, time.time())
+            trainer.train_step(batches, references)
+    return stats
