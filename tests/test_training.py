@@ -210,3 +210,29 @@ def test_grid_tiles_images_in_order():
     assert picture.shape == (5, 11)  # 2 rows of 2 px + 1 pad; 3 columns of 3 px + 2 pads
     assert picture[0, 0] == 10 and picture[0, 4] == 20 and picture[0, 8] == 30 and picture[3, 0] == 40 and picture[3, 4] == 50
     assert picture[2, 0] == 128 and picture[0, 3] == 128 and picture[3, 8] == 128  # separators and the empty slot
+
+
+def test_stable_target_field_training_runs(data, tmp_path):
+    """--stf draws a reference batch each step (the same on every rank) and trains to finite losses."""
+    run_train(tmp_path, [f"--data={data}", "--stf=1", "--rbatch=16", "--pfgmpp=1", "--aug_dim=32", "--batch=8",
+                         "--duration=0.000016", "--tick=0.008", "--grid=0"])
+    ticks = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert len(ticks) == 2 and all(np.isfinite(t["loss"]) for t in ticks)
+
+
+def test_a_failing_state_write_keeps_earlier_states(data, tmp_path, monkeypatch):
+    """Disk full while writing a state: a clear error, and the previous state is untouched."""
+    run_train(tmp_path, [f"--data={data}", "--batch=8", "--duration=0.000016", "--tick=0.008", "--grid=0"])
+    previous = training_loop.find_resume_state(tmp_path)
+    before = previous.read_bytes()
+    state = training_loop.read_state(previous)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        training_loop.write_state(previous, torch.nn.Linear(1, 1), torch.nn.Linear(1, 1),
+                                  torch.optim.Adam(torch.nn.Linear(1, 1).parameters()), 1, 8, {})
+    assert previous.read_bytes() == before and training_loop.read_state(previous)["step"] == state["step"]
+    assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == []
