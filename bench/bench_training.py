@@ -74,7 +74,7 @@ def main(arch, resolution, batch, batch_gpu, precision, aug_dim, cbase, compile_
     torch.backends.cudnn.benchmark = True
     dataset = RandomImages(resolution)
     trainer = Trainer(c, run_dir=".", dataset=dataset, device=device, loss_fn=getattr(loss_lib, c.loss_class)(**c.loss_kwargs))
-    batches = trainer._batches()
+    batches = trainer.batches()
     flops = _flops_per_image(trainer, batches, c.batch_gpu)
     for _ in range(warmup):
         trainer.train_step(batches)

@@ -203,7 +203,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
 
-    def _batches(self, batch_size: int | None = None, seed: int | None = None):
+    def batches(self, batch_size: int | None = None, seed: int | None = None):
         """Endless iterator of this rank's (images, labels) rounds from the current step on.
 
         With `batch_size` and `seed`: the same whole batch on every rank (the STF reference batch)."""
@@ -358,8 +358,8 @@ def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, aug
         trainer.resume(Path(resume))
         if distributed.is_main():
             log.info(f"resumed from {resume} at kimg {trainer.cur_nimg / 1000:.3f} (step {trainer.step})")
-    batches = trainer._batches()
-    references = trainer._batches(c.rbatch, mixed_seed(c.seed, 4)) if c.stf else None
+    batches = trainer.batches()
+    references = trainer.batches(c.rbatch, mixed_seed(c.seed, 4)) if c.stf else None
     total_nimg, tick, stats = int(c.total_kimg * 1000), 0, {}
     tick_start = (trainer.cur_nimg, time.time())
     with StopFlag() as flag:
