@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from training import dataset_sources
+from training import dataset_sources, dataset_transforms
 
 
 class _Resolution(click.ParamType):
@@ -27,7 +27,7 @@ class _Resolution(click.ParamType):
         if isinstance(value, tuple):
             return value
         try:
-            return dataset_sources.parse_resolution(value)
+            return dataset_transforms.parse_resolution(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
 
@@ -49,12 +49,12 @@ _SOURCE_HELP = "Image folder, ZIP, cifar-10-python.tar.gz, train-images-idx3-uby
 @click.option("--resolution", type=_Resolution(), help="Resize to WxH (Lanczos), e.g. 64x64")
 @click.option(
     "--transform",
-    type=click.Choice(dataset_sources.TRANSFORMS),
+    type=click.Choice(dataset_transforms.TRANSFORMS),
     help="Crop before resizing, or pad (needs --resolution)",
 )
 @click.option(
     "--channels",
-    type=click.Choice(dataset_sources.CHANNELS),
+    type=click.Choice(dataset_transforms.CHANNELS),
     default="keep",
     show_default=True,
     help="Keep grayscale/RGB as stored (all must agree), or convert every image",
