@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from training import config as config_lib
 from training import loss as loss_lib
-from training.training_loop import Trainer
+from training.training_loop import Trainer, set_precision
 
 # Dense peak TFLOP/s by (device name fragment, precision); SXM parts, from NVIDIA's data sheets.
 PEAKS = {("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "tf32"): 494.0, ("H100", "fp32"): 67.0,
@@ -70,8 +70,7 @@ def main(arch, resolution, batch, batch_gpu, precision, aug_dim, cbase, compile_
                                    batch_gpu=batch_gpu, cbase=cbase, precision=precision, compile=compile_,
                                    channels_last=channels_last, augment=0, dropout=0.13, workers=0, lr_rampup=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    torch.backends.cudnn.benchmark = True
+    set_precision(c, device)
     dataset = RandomImages(resolution)
     trainer = Trainer(c, run_dir=".", dataset=dataset, device=device, loss_fn=getattr(loss_lib, c.loss_class)(**c.loss_kwargs))
     batches = trainer.batches()

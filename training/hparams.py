@@ -21,7 +21,7 @@ from typing import Any
 import click
 from scipy import stats
 
-from training.pfgmpp import check_D
+from training.pfgmpp import check_D, sigma_to_r
 
 # Above this D the F(N, D) quantiles equal their chi-square limit to double precision (relative
 # difference O(N / D)), while scipy's F quantile function returns nan for D near 1e300.
@@ -58,7 +58,7 @@ def _validate(
 
 def _r(sigma: float, D: float) -> float | None:
     """r = sigma * sqrt(D), or None at D = inf where r is infinite."""
-    return None if math.isinf(D) else sigma * math.sqrt(D)
+    return None if math.isinf(D) else sigma_to_r(sigma, D)
 
 
 def _training_noise(D: float, P_mean: float, P_std: float, quantiles: list[float]) -> list[dict]:

@@ -129,7 +129,8 @@ def write_state(path: Path, net, ema, optimizer, step: int, cur_nimg: int, confi
         torch.save(state, f)
 
 
-def _set_precision(c: EasyDict, device: torch.device) -> None:
+def set_precision(c: EasyDict, device: torch.device) -> None:
+    """TF32 unless --precision=fp32; cuDNN autotuning on CUDA unless --bench=0."""
     tf32 = c.precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -352,7 +353,7 @@ def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, aug
     """Train until c.total_kimg or a stop signal; returns the last tick's statistics."""
     log = logging.getLogger("pfgmpp.train")
     device = distributed.init()
-    _set_precision(c, device)
+    set_precision(c, device)
     trainer = Trainer(c, Path(run_dir), dataset, device, loss_fn, augment_pipe)
     if resume is not None:
         trainer.resume(Path(resume))
