@@ -39,8 +39,9 @@ def _run_dir(outdir: Path, desc: str, nosubdir: bool, resume: str | None) -> Pat
         return outdir
     runs = sorted((int(m.group(1)), p) for p in outdir.glob("*") if (m := re.match(r"^(\d+)-", p.name)) and p.is_dir())
     if resume == "auto":
+        restarted = distributed.restart_count() > 0  # torchrun restarted us: our run, with or without a state
         for _, path in reversed(runs):
-            if path.name.endswith(f"-{desc}") and any(path.glob("training-state-*.pt")):
+            if path.name.endswith(f"-{desc}") and (restarted or any(path.glob("training-state-*.pt"))):
                 return path
     return outdir / f"{(runs[-1][0] + 1) if runs else 0:05d}-{desc}"
 
@@ -62,7 +63,7 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
 @click.option("--data", help="Training data: a ZIP or folder made by dataset_tool.py", metavar="ZIP|DIR", type=str, required=True)
 @click.option("--cond", help="Train class-conditional", metavar="BOOL", type=bool, default=False, show_default=True)
 @click.option("--arch", help="Network architecture", type=click.Choice(["ddpmpp", "ncsnpp", "adm"]), default="ddpmpp", show_default=True)
-@click.option("--precond", help="Preconditioning and loss", type=click.Choice(["vp", "ve", "edm"]), default="edm", show_default=True)
+@click.option("--precond", help="Preconditioning and loss (pfgm: PFGM, D = 1)", type=click.Choice(["vp", "ve", "edm", "pfgm"]), default="edm", show_default=True)
 @click.option("--pfgmpp", "pfgmpp_on", help="Train PFGM++ (needs --aug_dim)", metavar="BOOL", type=bool, default=False, show_default=True)
 @click.option("--aug_dim", help="PFGM++ augmented dimension D > 0 ('inf' = diffusion)", type=_AugDim(), default=None)
 @click.option("--duration", help="Training duration", metavar="MIMG", type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -82,7 +83,24 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
 @click.option("--P_std", "P_std", help="Std of ln sigma in training (EDM)", type=click.FloatRange(min=0, min_open=True), default=1.2, show_default=True)
 @click.option("--sigma_scale", help="Scale training sigma (LSUN 256^2 in PFGM++: 380/80 = 4.75)", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--stf", help="Stable target field", metavar="BOOL", type=bool, default=False, show_default=True)
-@click.option("--rbatch", help="STF reference batch", metavar="INT", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--rbatch", help="Reference batch of --stf and --precond=pfgm", metavar="INT", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--pfgm_M", "pfgm_M", help="PFGM: perturbation range m in (0, M) [default: derived from the data]", type=click.FloatRange(min=0, min_open=True))
+@click.option("--tau", help="PFGM: growth of the perturbation per unit of m  [default: 0.03]", type=click.FloatRange(min=0, min_open=True))
+@click.option("--gamma", help="PFGM: field normalisation E/(|E|+gamma)  [default: 5]", type=click.FloatRange(min=0))
+@click.option("--sigma_end", help="PFGM: smallest perturbation scale  [default: 0.01]", type=click.FloatRange(min=0, min_open=True))
+@click.option("--z_max", help="PFGM: starting z of sampling [default: derived from the data]", type=click.FloatRange(min=0, min_open=True))
+@click.option("--z_min", help="PFGM: final z of sampling  [default: 0.001]", type=click.FloatRange(min=0, min_open=True))
+@click.option("--upper_norm", help="PFGM: the prior's norm is clipped here [default: derived from the data]", type=click.FloatRange(min=0, min_open=True))
+@click.option("--z_exp", help="PFGM: below this z, v_z is derived from |v_x|  [default: 5]", type=click.FloatRange(min=0))
+@click.option("--restrict_M", "restrict_M", help="PFGM: m < 0.7 M for small z draws  [default: 1]", metavar="BOOL", type=bool)
+@click.option("--fp_reg", help="FP-Diffusion score Fokker-Planck regulariser (docs/likelihood.md)", metavar="BOOL", type=bool, default=False, show_default=True)
+@click.option("--fp_alpha", help="FP: weight of the vector (score FPE) residual", metavar="FLOAT", type=click.FloatRange(min=0), default=0.15, show_default=True)
+@click.option("--fp_beta", help="FP: weight of the scalar (log-density FPE) residual", metavar="FLOAT", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--fp_order", help="FP: order m of the residual norms", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=2, show_default=True)
+@click.option("--fp_weighting", help="FP: time weighting g^2 (ll), g (convention) or 1", type=click.Choice(["ll", "convention", "constant"]), default="ll", show_default=True)
+@click.option("--fp_probe", help="FP: Hutchinson probes of the divergence", type=click.Choice(["rademacher", "gaussian"]), default="rademacher", show_default=True)
+@click.option("--fp_probes", help="FP: probes per sample", metavar="INT", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--fp_step", help="FP: finite-difference step in ln(sigma)", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option("--precision", help="Arithmetic", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="tf32", show_default=True)
 @click.option("--fp16", help="EDM's fp16 network mode (same as --precision=fp16)", metavar="BOOL", type=bool, default=False, show_default=True)
 @click.option("--ls", help="Loss scaling", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
@@ -100,6 +118,7 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
 @click.option("--seed", help="Random seed", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--transfer", help="Initialise from a network snapshot", metavar="PKL|PT|URL", type=str)
 @click.option("--resume", help="Resume: 'auto' (newest state of this run) or a training-state file", metavar="auto|PT", type=str)
+@click.option("--dist_timeout", help="Seconds a collective waits for the other ranks before failing", metavar="SEC", type=click.FloatRange(min=1), default=600, show_default=True)
 @click.option("-n", "--dry-run", "--dry_run", "dry_run", help="Print the configuration and exit", is_flag=True)
 def main(outdir, data, desc, nosubdir, dry_run, transfer, resume, bench, **opts):
     """Train PFGM++ / diffusion models (single process, or torchrun for several GPUs and nodes)."""
@@ -109,14 +128,23 @@ def main(outdir, data, desc, nosubdir, dry_run, transfer, resume, bench, **opts)
     if transfer and resume:
         raise click.UsageError("--transfer and --resume cannot be combined: --resume continues a run, --transfer starts one")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist_timeout = opts.pop("dist_timeout")
     try:
         c = config_lib.training_config(data=data, world_size=world, **opts)
         dataset = ImageFolderDataset(**c.dataset_kwargs)
+        if c.precond_class == "PFGMPrecond":
+            from training import pfgm
+
+            c = config_lib.complete_pfgm(c, dataset.num_channels * dataset.resolution**2, lambda: pfgm.average_norm(dataset))
+        if c.loss_kwargs.get("fp"):  # the score FPE needs D = inf or D >> N
+            from training import fp_regularizer
+
+            fp_regularizer.check_D(c.D, dataset.num_channels * dataset.resolution**2)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise click.ClickException(f"--resume={resume}: no such training state")
-    c.update(transfer=transfer, cudnn_benchmark=bench)
+    c.update(transfer=transfer, cudnn_benchmark=bench, dist_timeout=dist_timeout)
     name = desc or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(data).stem)
     run_desc = config_lib.describe(c, name, world)
     if dry_run:
@@ -131,7 +159,7 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
     from training import loss
     from training.training_loop import find_resume_state, training_loop
 
-    distributed.init()
+    distributed.init(timeout_s=c.dist_timeout)
     run_dir = Path(distributed.broadcast_object(str(_run_dir(outdir, run_desc, nosubdir, resume)) if distributed.is_main() else None))
     try:
         if distributed.is_main():
@@ -142,9 +170,14 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
         raise click.ClickException(f"cannot write to the run directory {run_dir}: {error}") from None
     distributed.barrier()
     log = _setup_logging(run_dir)
-    state = find_resume_state(run_dir) if resume == "auto" else (Path(resume) if resume else None)
+    state = Path(resume) if resume not in (None, "auto") else None
+    if resume == "auto":  # rank 0 looks, so that every rank resumes from the same file
+        state = distributed.broadcast_object(find_resume_state(run_dir) if distributed.is_main() else None)
     if resume == "auto" and state is None:
         log.info(f"--resume=auto: no training state in {run_dir}; starting afresh")
+    if resume is None and distributed.restart_count() > 0:
+        log.warning(f"torchrun restarted the workers (restart {distributed.restart_count()}) but --resume is not set: "
+                    "this run starts from scratch; launch with --resume=auto to continue instead")
     log.info(f"run directory: {run_dir}")
     loss_fn = getattr(loss, c.loss_class)(**c.loss_kwargs)
     pipe = None
@@ -154,7 +187,7 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
         pipe = AugmentPipe(**c.augment_kwargs)
     try:
         training_loop(c, run_dir, dataset, loss_fn, pipe, resume=state)
-    except OSError as error:
+    except (OSError, distributed.DistributedFailure) as error:
         raise click.ClickException(str(error)) from None
     log.info(f"done: snapshots and sample grids are in {run_dir}")
     distributed.shutdown()

@@ -48,3 +48,25 @@ class GaussianDenoiser(nn.Module):
     def forward(self, x, sigma, class_labels=None, augment_labels=None):
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
         return x.to(torch.float64) * self.s**2 / (self.s**2 + sigma**2)
+
+
+class PoissonFieldModel(nn.Module):
+    """The exact PFGM field of a finite data set, laid out as a PFGMPrecond network's output.
+
+    Called as model(x, ln z): channels [:C] hold v_x, channel C holds v_z (spatially constant).
+    """
+
+    def __init__(self, data: torch.Tensor, gamma: float = 5.0):
+        super().__init__()
+        self.register_buffer("data", data.to(torch.float64))
+        self.gamma = gamma
+        self.calls = 0
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        from training import pfgm
+
+        self.calls += 1
+        z = noise_labels.to(torch.float64).exp()
+        v_x, v_z = pfgm.normalized_field(x, z, self.data, self.gamma)
+        v_z = v_z.reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+        return torch.cat([v_x, v_z], dim=1).to(x.dtype)

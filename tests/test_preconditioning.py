@@ -131,9 +131,14 @@ def test_fp16_on_cuda():
 
 @pytest.mark.parametrize("cls", list(pc.PRECONDITIONERS.values()))
 def test_every_preconditioner_records_D_and_checks_it(cls):
-    model = Probe(out_channels=6 if cls is pc.iDDPMPrecond else 3)
-    assert cls(model, D=128, **KW).D == 128.0
-    assert cls(model, **KW).D == math.inf
+    model = Probe(out_channels={pc.iDDPMPrecond: 6, pc.PFGMPrecond: 4}.get(cls, 3))
+    if cls is pc.PFGMPrecond:  # PFGM is D = 1 by definition
+        assert cls(model, **KW).D == 1.0
+        with pytest.raises(ValueError, match="PFGM is D = 1"):
+            cls(model, D=128, **KW)
+    else:
+        assert cls(model, D=128, **KW).D == 128.0
+        assert cls(model, **KW).D == math.inf
     with pytest.raises(ValueError, match="D"):
         cls(model, D=-1, **KW)
     with pytest.raises(ValueError, match="img_resolution"):

@@ -1,16 +1,11 @@
 """train.py end to end on CPU: rank/accumulation invariance, exact resume, preemption, CLI errors."""
 
-import io
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import warnings
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -21,69 +16,14 @@ from click.testing import CliRunner
 import train
 from training import checkpoint, training_loop
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--nblock=1", "--attn=4", "--dropout=0", "--augment=0",
-        "--workers=0", "--precision=fp32", "--grid=4", "--seed=3"]
-
-
-def make_dataset(path: Path, count: int = 64, resolution: int = 8, labels: bool = True) -> Path:
-    """An EDM-format ZIP of smooth random images (and labels), written directly in the format."""
-    rng = np.random.default_rng(0)
-    names = []
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        for i in range(count):
-            base = rng.integers(0, 256, size=[1, 1, 3])
-            image = np.clip(base + rng.integers(-20, 20, size=[resolution, resolution, 3]), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            PIL.Image.fromarray(image).save(buf, format="PNG")
-            name = f"00000/img{i:08d}.png"
-            z.writestr(name, buf.getvalue())
-            names.append([name, i % 4])
-        z.writestr("dataset.json", json.dumps({"labels": names if labels else None}))
-    return path
+from tests.helpers import ROOT, TINY, final_state, make_dataset, run_train
+from tests.helpers import assert_weights as _assert_weights
+from tests.helpers import subprocess_env as _env
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data") / "tiny-8x8.zip")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-
-
-def run_train(outdir: Path, args: list[str], nproc: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    """train.py in a subprocess; with nproc > 1 under torchrun (gloo on 127.0.0.1)."""
-    launcher = [sys.executable, str(ROOT / "train.py")]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "train.py")]
-    result = subprocess.run([*launcher, f"--outdir={outdir}", "--nosubdir", *TINY, *args], cwd=ROOT, env=_env(),
-                            capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def final_state(outdir: Path) -> dict:
-    path = training_loop.find_resume_state(outdir)
-    assert path is not None, list(outdir.iterdir())
-    return training_loop.read_state(path)
-
-
-def _assert_weights(a: dict, b: dict, exact: bool):
-    assert a.keys() == b.keys()
-    for key in a:
-        if exact:
-            assert torch.equal(a[key], b[key]), key
-        else:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):

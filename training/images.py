@@ -17,6 +17,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def picture(image_uint8: np.ndarray) -> PIL.Image.Image:
+    """One uint8 image [H, W, C] as a PIL picture: grayscale for one channel, RGB for three."""
+    return PIL.Image.fromarray(image_uint8[:, :, 0] if image_uint8.shape[2] == 1 else image_uint8, "L" if image_uint8.shape[2] == 1 else "RGB")
+
+
 def grid(images_uint8: np.ndarray, cols: int | None = None, pad: int = 1, pad_value: int = 128) -> PIL.Image.Image:
     """Tile uint8 images [B, H, W, C] into one picture, `cols` across (default: a near-square grid),
     separated by `pad` pixels of gray so that images filling their frame stay apart."""
@@ -28,7 +33,7 @@ def grid(images_uint8: np.ndarray, cols: int | None = None, pad: int = 1, pad_va
         r, q = divmod(i, cols)
         top, left = r * (h + pad), q * (w + pad)
         canvas[top : top + h, left : left + w] = images_uint8[i]
-    return PIL.Image.fromarray(canvas[:, :, 0] if c == 1 else canvas, "L" if c == 1 else "RGB")
+    return picture(canvas)
 
 
 def save_png(path: str | os.PathLike, picture: PIL.Image.Image) -> None:

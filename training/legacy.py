@@ -104,6 +104,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class SafeUnpickler(pickle.Unpickler):
     """pickle.Unpickler that resolves only allow-listed globals and reads storages from a torch zip."""
 
+    allowed: dict[tuple[str, str], Any] = _ALLOWED  # a subclass may admit more (training/detector.py)
+
     def __init__(self, file, archive: zipfile.ZipFile | None = None, prefix: str = ""):
         super().__init__(file)
         self._archive, self._prefix, self._storages = archive, prefix, {}
@@ -112,8 +114,8 @@ class SafeUnpickler(pickle.Unpickler):
         # Python 2 spellings (torch.save writes protocol 2), mapped as pickle's own find_class does.
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if module.startswith("torch.nn.modules.") and name.isidentifier():

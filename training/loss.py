@@ -19,12 +19,17 @@ from training import pfgmpp, schedules
 class KernelLoss:
     """Shared path: noise level, augmentation hook, PFGM++ perturbation, target and weight."""
 
-    def __init__(self, D: float = math.inf, stf: bool = False, stf_chunk: int = 1024):
+    def __init__(self, D: float = math.inf, stf: bool = False, stf_chunk: int = 1024, fp: dict | None = None):
         self.D = pfgmpp.check_D(D)
         self.stf = bool(stf)
         if stf_chunk < 1:
             raise ValueError(f"stf_chunk must be >= 1, got {stf_chunk}")
         self.stf_chunk = int(stf_chunk)
+        self.fp = None  # FP-Diffusion's score Fokker-Planck regulariser (training/fp_regularizer.py), off by default
+        if fp:
+            from training.fp_regularizer import FPRegularizer
+
+            self.fp = FPRegularizer(D=self.D, **fp)
 
     def sample_sigma(self, batch: int, device, generator: rng.Generators = None) -> torch.Tensor:
         """Training noise levels, Tensor[batch] float32."""
@@ -48,10 +53,13 @@ class KernelLoss:
         number of ranks and of gradient accumulation.
         """
         sigma = self.sample_sigma(shape[0], device, generator)
-        return sigma, pfgmpp.sample_prior(shape, sigma, self.D, generator=generator, device=device)
+        noise = pfgmpp.sample_prior(shape, sigma, self.D, generator=generator, device=device)
+        if self.fp is None:
+            return sigma, noise
+        return sigma, noise, self.fp.draw_probes(shape, device, generator)  # the regulariser's Hutchinson probes
 
     def __call__(self, net, images, labels=None, augment_pipe=None, generator=None, reference=None, draws=None):
-        """Per-element weighted loss; `draws` = (sigma, noise) from `draw`, else drawn here from `generator`."""
+        """Per-element weighted loss; `draws` = (sigma, noise[, probes]) from `draw`, else drawn here from `generator`."""
         if self.stf and labels is not None:
             raise ValueError(
                 "the stable target field averages over an unlabelled reference batch: "
@@ -60,7 +68,7 @@ class KernelLoss:
         if draws is None:
             sigma = self.sample_sigma(images.shape[0], images.device, generator)
         else:
-            sigma, n = draws
+            sigma, n, *probes = draws
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
         if draws is None:
             n = pfgmpp.sample_perturbation(y, sigma, self.D, generator)
@@ -68,7 +76,12 @@ class KernelLoss:
         sigma_b = sigma.reshape(-1, *([1] * (y.ndim - 1)))
         denoised = net(perturbed, sigma_b, labels, augment_labels=augment_labels)
         target = self.target(y, perturbed, sigma, reference)
-        return self.weight(sigma_b) * (denoised - target) ** 2
+        loss = self.weight(sigma_b) * (denoised - target) ** 2
+        if self.fp is not None:  # alpha (vector) + beta (scalar) FPE terms, added to every element of the sample
+            probes = probes[0] if draws is not None and probes else self.fp.draw_probes(y.shape, y.device, generator)
+            penalty = self.fp(net, perturbed, sigma, probes, labels, augment_labels)
+            loss = loss + penalty.to(loss.dtype).reshape(sigma_b.shape)
+        return loss
 
 
 class EDMLoss(KernelLoss):
@@ -126,4 +139,6 @@ class VELoss(KernelLoss):
         return 1 / sigma**2
 
 
-LOSSES = {"edm": EDMLoss, "vp": VPLoss, "ve": VELoss}
+from training.pfgm import PFGMLoss  # noqa: E402 (PFGM's field objective lives with the rest of PFGM)
+
+LOSSES = {"edm": EDMLoss, "vp": VPLoss, "ve": VELoss, "pfgm": PFGMLoss}

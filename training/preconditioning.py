@@ -71,6 +71,16 @@ class Precond(nn.Module):
         augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The denoised estimate D_theta(x, sigma) in float32; sigma is a scalar or one per sample."""
+        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels, force_fp32)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        c_noise = c_noise.reshape(-1).expand(x.shape[0])
+        F_x = self.model((c_in * x).to(dtype), c_noise, class_labels=class_labels, augment_labels=augment_labels)
+        if self.learned_variance:
+            F_x = F_x[:, : self.img_channels]
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def _inputs(self, x, sigma, class_labels, force_fp32: bool):
+        """x in float32, sigma as [B, 1, ..., 1] float32, class labels [B, label_dim] or None, the network dtype."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
         if self.label_dim == 0:
@@ -80,13 +90,7 @@ class Precond(nn.Module):
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         use_fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
-        dtype = torch.float16 if use_fp16 else torch.float32
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        c_noise = c_noise.reshape(-1).expand(x.shape[0])
-        F_x = self.model((c_in * x).to(dtype), c_noise, class_labels=class_labels, augment_labels=augment_labels)
-        if self.learned_variance:
-            F_x = F_x[:, : self.img_channels]
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return x, sigma, class_labels, torch.float16 if use_fp16 else torch.float32
 
     def extra_repr(self) -> str:
         return (
@@ -171,4 +175,63 @@ class iDDPMPrecond(Precond):  # noqa: N801 (the method's name)
         return c_skip, c_out, c_in, c_noise
 
 
-PRECONDITIONERS = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond}
+# The z-component of the predicted field is kept below -_V_Z_CEILING, so that x - z v_x / v_z stays finite.
+_V_Z_CEILING = 1e-5
+
+
+@records_init_kwargs
+class PFGMPrecond(Precond):
+    """PFGM (D = 1, Xu et al. 2022): the network predicts the normalised Poisson field (v_x, v_z) in N + 1 dims.
+
+    As in PFGM's reference code: the input is x itself (no c_in scaling), the noise label is ln z, and the
+    network has img_channels + 1 output channels: v_x is the first img_channels, v_z the spatial mean of the
+    last. `field` (or `forward(..., return_field=True)`, for DDP) returns (v_x, v_z), the training target's
+    form. Called like every preconditioner, the network is a denoiser: the field of a finite set is parallel
+    to (E[y|x] - x, -z) with E[y|x] the PFGM++ posterior mean at D = 1, r = z (see `training.pfgm`), so
+    D(x, sigma = z) = x - z v_x / v_z, and every sampler of this project runs PFGM networks. The PFGM
+    sampling settings travel with the network: sigma_max = z_max, sigma_min = z_min, upper_norm (the prior's
+    norm is clipped there), gamma and z_exp (below z_exp, v_z is derived from |v_x|, PFGM App. B.2.3).
+    """
+
+    def __init__(self, model, *, gamma: float = 5.0, z_exp: float = 5.0, upper_norm: float = 3000.0, D: float = 1.0,
+                 **kwargs):
+        if check_D(D) != 1.0:
+            raise ValueError(f"PFGM is D = 1, got D={D}; for PFGM++ at other D use EDMPrecond with that D")
+        if not (gamma >= 0 and z_exp >= 0 and upper_norm > 0):
+            raise ValueError(f"need gamma >= 0, z_exp >= 0 and upper_norm > 0, got {gamma}, {z_exp}, {upper_norm}")
+        kwargs.setdefault("sigma_min", 1e-3)  # PFGM's z_min for CIFAR-10
+        kwargs.setdefault("sigma_max", 40.0)  # PFGM's z_max for CIFAR-10
+        super().__init__(model, D=1.0, **kwargs)
+        self.gamma, self.z_exp, self.upper_norm = float(gamma), float(z_exp), float(upper_norm)
+
+    def field(self, x, z, class_labels=None, force_fp32: bool = False, augment_labels=None):
+        """The predicted normalised field (v_x [B, C, H, W], v_z [B]) at (x, z), float32."""
+        x, z, class_labels, dtype = self._inputs(x, z, class_labels, force_fp32)
+        c_noise = z.log().reshape(-1).expand(x.shape[0])
+        F_x = self.model(x.to(dtype), c_noise, class_labels=class_labels, augment_labels=augment_labels).to(torch.float32)
+        return F_x[:, : self.img_channels], F_x[:, self.img_channels].flatten(1).mean(dim=1)
+
+    def z_component(self, v_x: torch.Tensor, v_z: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """v_z, replaced below z_exp by the value |v_x| implies (PFGM App. B.2.3), kept < 0."""
+        if self.z_exp > 0 and self.gamma > 0:
+            sqrt_N = math.sqrt(v_x[0].numel())
+            # |v_x| / sqrt(N) ~ |E| / (|E| + gamma) gives |E|; then v_z = -sqrt(N) z / (|(E, z)| + gamma).
+            ratio = (v_x.flatten(1).norm(dim=1) / sqrt_N).clamp(max=1 - 1e-6)
+            norm = self.gamma * ratio / (1 - ratio)
+            implied = -sqrt_N * z / ((norm.square() + z.square()).sqrt() + self.gamma)
+            v_z = torch.where(z < self.z_exp, implied, v_z)
+        return v_z.clamp(max=-_V_Z_CEILING)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, augment_labels=None,
+                return_field: bool = False):
+        """D(x, sigma) = x - sigma v_x / v_z with z = sigma; with return_field, the field (v_x, v_z) itself."""
+        v_x, v_z = self.field(x, sigma, class_labels, force_fp32, augment_labels)
+        if return_field:
+            return v_x, v_z
+        x = x.to(torch.float32)
+        z = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        ratio = z / self.z_component(v_x, v_z, z)
+        return x - ratio.reshape(-1, *([1] * (x.ndim - 1))) * v_x
+
+
+PRECONDITIONERS = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond, "pfgm": PFGMPrecond}

@@ -103,6 +103,22 @@ def find_resume_state(run_dir: Path) -> Path | None:
     return None
 
 
+def rewind_stats(run_dir: Path, step: int) -> int:
+    """Drop the ticks after `step` from stats.jsonl (written before a crash, redone after resuming);
+    return the number of ticks kept, where the tick count continues."""
+    path = Path(run_dir) / "stats.jsonl"
+    if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    with atomic_write(path, "w") as f:
+        f.write("".join(f"{line}\n" for line in kept))
+    return len(kept)
+
+
 def read_state(path) -> dict:
     """Load a training state with weights_only=True and check its format."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -140,6 +156,7 @@ def set_precision(c: EasyDict, device: torch.device) -> None:
 def build_networks(c: EasyDict, dataset, device):
     """The trained network (train mode) and its EMA copy, from the config and the dataset's shape."""
     out_channels = dataset.num_channels * (2 if c.precond_class == "iDDPMPrecond" else 1)
+    out_channels += 1 if c.precond_class == "PFGMPrecond" else 0  # PFGM's z-component of the field
     model = networks.build_network(c.network_class, dataset.resolution, dataset.num_channels, out_channels,
                                    label_dim=dataset.label_dim, **c.network_kwargs)
     precond = checkpoint.PRECONDS[c.precond_class]
@@ -207,12 +224,14 @@ class Trainer:
     def batches(self, batch_size: int | None = None, seed: int | None = None):
         """Endless iterator of this rank's (images, labels) rounds from the current step on.
 
-        With `batch_size` and `seed`: the same whole batch on every rank (the STF reference batch)."""
+        With `batch_size` and `seed`: this rank's share of a reference batch, the same for any number of
+        ranks once gathered by `_reference` (the STF and PFGM reference batch)."""
         if batch_size is None:
             sampler = GlobalBatchSampler(len(self.dataset), self.c.batch_size, self.c.batch_gpu, self.rank, self.world,
                                          self.c.seed, start_step=self.step)
         else:
-            sampler = GlobalBatchSampler(len(self.dataset), batch_size, batch_size, 0, 1, seed, start_step=self.step)
+            share = batch_size // self.world
+            sampler = GlobalBatchSampler(len(self.dataset), batch_size, share, self.rank, self.world, seed, start_step=self.step)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.c.workers,
                                              pin_memory=self.device.type == "cuda", persistent_workers=self.c.workers > 0,
                                              prefetch_factor=2 if self.c.workers > 0 else None)
@@ -222,14 +241,15 @@ class Trainer:
         if references is None:
             return None
         images, _ = next(references)
-        return images.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1
+        return distributed.all_gather(images.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1)
 
     def train_step(self, batches, references=None) -> None:
         """One optimizer step over the global batch, accumulated in rounds of batch_gpu per rank."""
         c, dev = self.c, self.device
         torch.manual_seed(mixed_seed(c.seed, self.step, self.rank, 1))  # dropout: per (step, rank), resumable
         g = torch.Generator(dev).manual_seed(mixed_seed(c.seed, self.step, 0))
-        sigma, noise = self.loss_fn.draw([c.batch_size, *self.dataset.image_shape], dev, g)
+        draws = self.loss_fn.draw([c.batch_size, *self.dataset.image_shape], dev, g)  # (sigma, noise[, probes])
+        sigma = draws[0]
         g_aug = torch.Generator(dev).manual_seed(mixed_seed(c.seed, self.step, self.rank, 2))
         augment = None if self.augment_pipe is None else (lambda y: self.augment_pipe(y, generator=g_aug))
         reference = self._reference(references)
@@ -243,7 +263,7 @@ class Trainer:
             rows = slice(self.rank * self.batch_rank + r * c.batch_gpu, self.rank * self.batch_rank + (r + 1) * c.batch_gpu)
             sync = r == self.rounds - 1 or self.world == 1
             with (self.ddp.no_sync() if not sync else contextlib.nullcontext()), self._autocast():
-                loss = self.loss_fn(self.model, images, labels, augment_pipe=augment, draws=(sigma[rows], noise[rows]),
+                loss = self.loss_fn(self.model, images, labels, augment_pipe=augment, draws=tuple(d[rows] for d in draws),
                                     reference=reference)
             self.stats.add_loss(loss.detach().flatten(1).mean(dim=1), sigma[rows])
             loss.sum().mul(c.loss_scaling / self.batch_rank).backward()
@@ -310,10 +330,16 @@ class Trainer:
                      ema_beta=ema_beta(self.c, self.cur_nimg), sec_per_tick=t, sec_per_kimg=t / max(nimg / 1000, 1e-9),
                      img_per_sec=nimg / max(t, 1e-9), peak_gpu_gib=peak_gpu,
                      cpu_rss_gib=psutil.Process().memory_info().rss / 2**30, timestamp=time.time())
+        fp = getattr(self.loss_fn, "fp", None)
+        if fp is not None:  # the score-FPE regulariser: its terms, and its own seconds per step (rank 0's)
+            fp_stats = fp.tick_stats(self.device)
+            stats.update(fp_vector=fp_stats["fp_vector"], fp_scalar=fp_stats["fp_scalar"],
+                         fp_sec_per_step=fp_stats["fp_sec"] / max(stats["steps"], 1))
         if distributed.is_main():
             log.info(f"tick {tick:<5d} kimg {stats['kimg']:<9.3f} loss {stats['loss']:<8.4f} sec/kimg {stats['sec_per_kimg']:<8.2f} "
                      f"img/s {stats['img_per_sec']:<8.1f} gradnorm {stats['grad_norm']:<8.3f} nonfinite {stats['nonfinite_grad_steps']} "
-                     f"gpumem {peak_gpu:<5.2f} cpumem {stats['cpu_rss_gib']:.2f}")
+                     f"gpumem {peak_gpu:<5.2f} cpumem {stats['cpu_rss_gib']:.2f}"
+                     + (f" fp_sec/step {stats['fp_sec_per_step']:.3f}" if fp is not None else ""))
             with open(self.run_dir / "stats.jsonl", "a") as f:
                 f.write(json.dumps(stats) + "\n")
             self._tensorboard(stats)
@@ -355,15 +381,21 @@ def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, aug
     device = distributed.init()
     set_precision(c, device)
     trainer = Trainer(c, Path(run_dir), dataset, device, loss_fn, augment_pipe)
+    tick = 0
     if resume is not None:
         trainer.resume(Path(resume))
+        tick = distributed.broadcast_object(rewind_stats(Path(run_dir), trainer.step) if distributed.is_main() else None)
         if distributed.is_main():
             log.info(f"resumed from {resume} at kimg {trainer.cur_nimg / 1000:.3f} (step {trainer.step})")
     batches = trainer.batches()
-    references = trainer.batches(c.rbatch, mixed_seed(c.seed, 4)) if c.stf else None
-    total_nimg, tick, stats = int(c.total_kimg * 1000), 0, {}
+    use_reference = c.stf or c.precond_class == "PFGMPrecond"
+    references = trainer.batches(c.rbatch, mixed_seed(c.seed, 4)) if use_reference else None
+    total_nimg, stats = int(c.total_kimg * 1000), {}
     tick_start = (trainer.cur_nimg, time.time())
-    with StopFlag() as flag:
+    # A collective that fails because a rank died or hangs becomes an error naming that rank (after
+    # StopFlag has given SIGTERM back, so torchrun can stop this process while it reports).
+    flag = StopFlag()
+    with distributed.diagnose_failures(lambda: f"at step {trainer.step}", lambda: flag.signal is None), flag:
         while True:
             done = trainer.cur_nimg >= total_nimg
             stop = not done and trainer.should_stop(flag)

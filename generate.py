@@ -1,0 +1,193 @@
+"""Generate images from a trained network: one PNG per seed, or a grid, on one or many GPUs.
+
+    torchrun --standalone --nproc_per_node=8 generate.py --outdir=fid-tmp --seeds=0-49999 --subdirs \\
+        --network=training-runs/00000-cifar10/network-snapshot-200000.pt
+    python generate.py --network=edm-cifar10-32x32-cond-vp.pkl --seeds=0-63 --class=3 --grid=grid.png
+
+Latents (training/latents.py, docs/likelihood.md): --encode maps images to the prior at sigma_max through the
+ODE and checks that decoding returns them; --interpolate walks between two seeds or two encoded latents;
+--temperature scales the prior radius.
+
+    python generate.py --network=net.pt --encode=datasets/faces.zip --outdir=latents --grid=roundtrip.png
+    python generate.py --network=net.pt --interpolate=3,latents/000007.npy --frames=10 --grid=walk.png
+    python generate.py --network=net.pt --seeds=0-7 --temperature=0.8,1,1.2 --grid=temperature.png
+
+The network is a snapshot of ours or an EDM / PFGM++ checkpoint (.pkl/.pt, path or URL), read
+without running code from it. D and the prior come from the checkpoint. Image k with seed s depends
+on s alone, whatever --batch and the number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+import torch
+
+from torch_utils import distributed
+from training import generation, images
+
+
+def image_path(outdir: Path, seed: int, subdirs: bool) -> Path:
+    """EDM's layout: outdir/000000.png, or outdir/001000/001234.png with --subdirs."""
+    return outdir / (f"{seed - seed % 1000:06d}" if subdirs else "") / f"{seed:06d}.png"
+
+
+def check_writable(outdir: Path) -> None:
+    """Create outdir and prove that a file can be written there, before any sampling."""
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise click.ClickException(f"cannot write to --outdir {outdir}: {error.strerror or error}; choose another folder")
+
+
+def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
+    """The network, checked against the options that must agree with it; errors as click errors."""
+    try:
+        return generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx)
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--network", help="Network snapshot or EDM/PFGM++ checkpoint", metavar="PATH|URL", type=str, required=True)
+@click.option("--outdir", help="Where to save one PNG per seed", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--seeds", help="Random seeds (e.g. 1,2,5-10)", metavar="LIST", type=generation.SeedList(), default="0-63", show_default=True)
+@click.option("--subdirs", help="Create a subdirectory for every 1000 seeds", is_flag=True)
+@click.option("--class", "class_idx", help="Class label [default: random]", metavar="INT", type=click.IntRange(min=0))
+@click.option("--batch", "batch_size", help="Maximum batch size per rank", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--grid", help="Also write all images as one PNG grid", metavar="PNG", type=click.Path(dir_okay=False))
+@click.option("--encode", help="Encode these images to latents in --outdir, and check the decode", metavar="ZIP|DIR", type=str)
+@click.option("--latent_format", help="File format of --encode's latents", type=click.Choice(["npy", "pt"]), default="npy", show_default=True)
+@click.option("--interpolate", help="Interpolate between two seeds or latent files into --grid", metavar="A,B", type=str)
+@click.option("--frames", help="Images along --interpolate", metavar="INT", type=click.IntRange(min=2), default=8, show_default=True)
+@click.option("--temperature", help="Prior radius scales, one --grid row each", metavar="LIST", callback=lambda ctx, p, v: _floats(v))
+@generation.sampler_options
+def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, latent_format, interpolate, frames,
+         temperature, **opts):
+    """Generate images with seeded, batch-independent sampling."""
+    modes = [name for name, value in (("--encode", encode), ("--interpolate", interpolate), ("--temperature", temperature)) if value]
+    if len(modes) > 1:
+        raise click.UsageError(f"{' and '.join(modes)} cannot be combined: run them one at a time")
+    if (interpolate or temperature) and grid is None:
+        raise click.UsageError(f"{modes[0]} writes one PNG grid: give --grid")
+    if encode and outdir is None:
+        raise click.UsageError("--encode writes one latent per image: give --outdir")
+    if outdir is None and grid is None:
+        raise click.UsageError("give --outdir (one PNG per seed) and/or --grid (one PNG)")
+    try:
+        settings = generation.settings_from_options(opts)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    device = distributed.init()
+    outdir = None if outdir is None else Path(outdir)
+    if outdir is not None and distributed.is_main():
+        check_writable(outdir)
+    if grid is not None and distributed.is_main():
+        check_writable(Path(grid).resolve().parent)
+    net = load(network, device, opts, class_idx)
+    work = modes[0] if modes and not temperature else f"{len(seeds)} images"
+    distributed.print0(f"{type(net).__name__} D={'inf' if math.isinf(net.D) else f'{net.D:g}'}: "
+                       f"{work} on {distributed.get_world_size()} rank(s)")
+    if modes:
+        try:
+            with generation.precision_context(opts["precision"], device):
+                _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
+                             interpolate, frames, temperature)
+        except (ValueError, OSError) as error:
+            raise click.ClickException(str(error)) from None
+        distributed.print0("done")
+        distributed.shutdown()
+        return
+    try:
+        tiles = _generate(net, seeds, batch_size, device, settings, class_idx, opts["precision"], outdir, subdirs, grid)
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    if grid is not None:
+        tiles = distributed.assemble(tiles, range(len(tiles)), len(tiles))
+        if distributed.is_main():
+            images.save_png(grid, images.grid(tiles.cpu().numpy()))
+    distributed.print0("done")
+    distributed.shutdown()
+
+
+def _floats(text: str | None) -> list[float] | None:
+    """'0.8,1,1.2' -> [0.8, 1.0, 1.2], each finite and > 0."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise click.BadParameter(f"temperatures must be finite numbers > 0, got {text!r}")
+    return values
+
+
+def _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
+                 interpolate, frames, temperature) -> None:
+    """--encode, --interpolate or --temperature (training/latents.py); grids are written by rank 0."""
+    from training import latents
+    from training.dataset import ImageFolderDataset
+
+    if encode:
+        dataset = ImageFolderDataset(encode, use_labels=bool(net.label_dim))
+        result = latents.encode_dataset(net, dataset, batch_size, device, outdir, latent_format,
+                                        settings.options.get("sigma_min"), settings.options.get("sigma_max"),
+                                        progress=True, keep=64 if grid else 0)
+        distributed.print0(f"encoded {result['num_images']} images into {outdir}; decoded back: "
+                           f"{result['exact_images']} exact in 8 bits, largest error {result['max_error_levels']:.2e} levels")
+        if grid and distributed.is_main() and result["pairs"] is not None:
+            inputs, decoded = result["pairs"]
+            images.save_png(grid, images.grid(torch.cat([inputs, decoded]).cpu().numpy(), cols=len(inputs)))
+        return
+    if not distributed.is_main():
+        return
+    if interpolate:
+        ends = interpolate.split(",")
+        if len(ends) != 2:
+            raise ValueError(f"--interpolate takes two seeds or latent files A,B; got {interpolate!r}")
+        (a, label), (b, _) = (latents.endpoint(net, e, device, settings, class_idx) for e in ends)
+        images.save_png(grid, latents.interpolation_grid(net, a, b, frames, device, settings, label))
+    else:
+        images.save_png(grid, latents.temperature_grid(net, seeds, temperature, device, settings, class_idx))
+
+
+def _save(path: Path, image) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images.save_png(path, images.picture(image))
+
+
+def _generate(net, seeds, batch_size, device, settings, class_idx, precision, outdir, subdirs, grid) -> torch.Tensor | None:
+    """Sample this rank's share, writing PNGs; return the grid's tiles known to this rank (zeros elsewhere).
+
+    PNGs are encoded and written by a few threads while the device samples the next batch.
+    """
+    shape = [net.img_resolution, net.img_resolution, net.img_channels]
+    tiles = torch.zeros([len(seeds), *shape], dtype=torch.uint8, device=device) if grid is not None else None
+    nfe = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pending = []
+        for batch in generation.generate(net, seeds, batch_size, device, settings, class_idx, precision, progress=True):
+            nfe.append(batch.nfe)
+            if tiles is not None:
+                tiles[batch.indices] = batch.images
+            if outdir is not None:
+                for future in pending:  # at most one batch in flight; surfaces write errors early
+                    future.result()
+                pending = [pool.submit(_save, image_path(outdir, seed, subdirs), image)
+                           for seed, image in zip(batch.seeds, batch.images.cpu().numpy())]
+        for future in pending:
+            future.result()
+    if nfe:
+        distributed.print0(f"{settings.solver}: {sum(nfe) / len(nfe):g} network evaluations per batch (rank 0)")
+    return tiles
+
+
+if __name__ == "__main__":
+    main()
