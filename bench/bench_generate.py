@@ -90,7 +90,7 @@ def main(device, arch, batch, count, steps, precisions, detector_source, skip_ge
         print("|---|---|---|")
         for precision in precisions:
             rate = time_generation(net, device, batch, count, steps, precision)
-            print(f"| {precision} | {rate:.1f} | {50000 / rate / 60:.1f} min |", flush=True)
+            print(f"| {precision} | {rate:.3g} | {50000 / rate / 60:.4g} min |", flush=True)
         del net
     try:
         det = detectors.load_detector(detector_source, device=device, progress=False)

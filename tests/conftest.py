@@ -23,3 +23,14 @@ def http_dir(tmp_path):
     yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads per process spin against each other (40x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,8 +11,7 @@ from click.testing import CliRunner
 import fid
 import generate
 from tests.detector_fixtures import write_detector
-from tests.helpers import torchrun
-from tests.test_generate import tiny_network
+from tests.helpers import tiny_network, torchrun
 from training import checkpoint, detector, generation, metrics
 from training.dataset import ImageFolderDataset
 

@@ -13,19 +13,10 @@ from click.testing import CliRunner
 
 import generate
 from tests import edm_fixtures as fx
-from tests.helpers import torchrun
+from tests.helpers import tiny_network, torchrun
 from torch_utils import rng
-from training import checkpoint, generation, networks, preconditioning
+from training import checkpoint, generation
 
-
-
-def tiny_network(channels: int = 3, label_dim: int = 0, D: float = 128.0, precond: str = "edm"):
-    """A small DDPM++ network (random weights) at 8x8; PFGM's has one more output channel and D = 1."""
-    out_channels = channels + (precond == "pfgm")
-    model = networks.build_network("ddpmpp", 8, channels, out_channels, label_dim=label_dim, model_channels=8,
-                                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
-    return preconditioning.PRECONDITIONERS[precond](model, img_resolution=8, img_channels=channels,
-                                                     label_dim=label_dim, D=1.0 if precond == "pfgm" else D)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import generate
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
-from tests.test_generate import tiny_network
+from tests.helpers import tiny_network
 from tests.helpers import make_dataset
 from torch_utils import rng
 from training import checkpoint, generation, latents, pfgmpp, sampling
@@ -18,13 +18,7 @@ from training import checkpoint, generation, latents, pfgmpp, sampling
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads per process spin against each other (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("D", [1.0, 128.0, math.inf])

@@ -22,20 +22,14 @@ import torch
 from click.testing import CliRunner
 
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
-from tests.test_generate import tiny_network
+from tests.helpers import tiny_network
 from tests.helpers import ROOT, free_port, make_dataset, subprocess_env
 from training import checkpoint, likelihood, pfgmpp
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads per process spin against each other (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussian_model_variance(s, lo, hi):
