@@ -26,7 +26,7 @@ def _brute_force_field(x: np.ndarray, z: np.ndarray, data: np.ndarray, gamma: fl
     """PFGM eq. (the empirical field in N + 1 dims), written out per point in float64: returns v [B, N + 1].
 
     E(x~) = sum_i (x~ - y~_i) / |x~ - y~_i|^(N+1) points away from the data; the target uses the opposite
-    direction with the coefficients normalised to sum to 1, then sqrt(N) E / (|E| + gamma).
+    direction with the coefficients normalised to sum to 1, then sqrt(N + 1) E / (|E| + gamma).
     """
     B, N = x.shape
     out = np.zeros([B, N + 1])
@@ -37,7 +37,7 @@ def _brute_force_field(x: np.ndarray, z: np.ndarray, data: np.ndarray, gamma: fl
         dist = np.sqrt((diff**2).sum(axis=1))
         physical = (diff / dist[:, None] ** (N + 1)).sum(axis=0)
         E = -physical / (dist ** -(N + 1)).sum()
-        out[b] = math.sqrt(N) * E / (np.linalg.norm(E) + gamma)
+        out[b] = math.sqrt(N + 1) * E / (np.linalg.norm(E) + gamma)
     return out
 
 
@@ -61,7 +61,7 @@ def test_field_does_not_depend_on_chunking():
 
 @pytest.mark.parametrize("gamma", [0.0, 5.0])
 def test_field_of_one_point_points_at_it(gamma):
-    """One charge: v is parallel to (y - x, -z), of norm sqrt(N) d / (d + gamma), d = |(y - x, z)|."""
+    """One charge: v is parallel to (y - x, -z), of norm sqrt(N + 1) d / (d + gamma), d = |(y - x, z)|."""
     y, x = _points(1, seed=5), _points(4, seed=6) * 3
     z = torch.tensor([0.01, 0.5, 2.0, 20.0], dtype=torch.float64)
     v_x, v_z = pfgm.normalized_field(x, z, y, gamma=gamma)
@@ -69,7 +69,7 @@ def test_field_of_one_point_points_at_it(gamma):
     toward = torch.cat([(y - x).flatten(1), -z[:, None]], dim=1)
     d = toward.norm(dim=1)
     torch.testing.assert_close(v / v.norm(dim=1, keepdim=True), toward / d[:, None], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(v.norm(dim=1), math.sqrt(8) * d / (d + gamma), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v.norm(dim=1), math.sqrt(9) * d / (d + gamma), rtol=1e-12, atol=1e-12)
 
 
 def test_perturbation_distribution():

@@ -5,8 +5,9 @@ coefficients normalised to sum to 1 (PFGM's c(x~)), is
 
     E(x~) = sum_i w_i (y~_i - x~),   w_i proportional to |x~ - y~_i|^-(N+1),
 
-and the training target is v = sqrt(N) E / (|E| + gamma) (PFGM Alg. 1; the reference code scales by
-sqrt(N), N the data dimension). Since every y~_i has z = 0, E = (E[y|x] - x, -z) exactly, where E[y|x] is
+and the training target is v = sqrt(N + 1) E / (|E| + gamma), as specified for this project (PFGM's
+reference code scales by sqrt(N); the two differ by a factor 1 + O(1/N), which the ODE, a function of
+v_x / v_z only, does not see). Since every y~_i has z = 0, E = (E[y|x] - x, -z) exactly, where E[y|x] is
 the PFGM++ posterior mean at D = 1 with r = z: `training.pfgmpp.posterior_mean` (chunked, float64) is the
 one implementation of both. The same identity turns a PFGM network into a denoiser (`PFGMPrecond`), so its
 backward ODE in t = ln z, dx/dt = z v_x / v_z, is `sampling.log_sigma_drift` of that denoiser.
@@ -35,7 +36,7 @@ _Z_FLOOR = 1e-10  # as the reference clamps z: ln z stays finite for the network
 
 def normalized_field(x: torch.Tensor, z, data: torch.Tensor, gamma: float = 5.0,
                      chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """PFGM's target sqrt(N) E / (|E| + gamma) at (x, z) for the set `data`: (v_x like x, v_z [B]), float64.
+    """PFGM's target sqrt(N + 1) E / (|E| + gamma) at (x, z) for the set `data`: (v_x like x, v_z [B]), float64.
 
     Memory is bounded by `chunk` data points at a time (B * chunk distances); z is a scalar or [B].
     """
@@ -49,7 +50,7 @@ def normalized_field(x: torch.Tensor, z, data: torch.Tensor, gamma: float = 5.0,
     E_x = pfgmpp.posterior_mean(x64, z, 1, data, chunk=chunk) - x64  # E[y|x] at D = 1, r = z
     E_z = -z
     norm = (E_x.flatten(1).square().sum(dim=1) + E_z.square()).sqrt()
-    scale = math.sqrt(N) / (norm + gamma)
+    scale = math.sqrt(N + 1) / (norm + gamma)  # the field lives in N + 1 dimensions
     return E_x * scale.reshape(-1, *([1] * (x.ndim - 1))), E_z * scale
 
 

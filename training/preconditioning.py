@@ -214,11 +214,11 @@ class PFGMPrecond(Precond):
     def z_component(self, v_x: torch.Tensor, v_z: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """v_z, replaced below z_exp by the value |v_x| implies (PFGM App. B.2.3), kept < 0."""
         if self.z_exp > 0 and self.gamma > 0:
-            sqrt_N = math.sqrt(v_x[0].numel())
-            # |v_x| / sqrt(N) ~ |E| / (|E| + gamma) gives |E|; then v_z = -sqrt(N) z / (|(E, z)| + gamma).
-            ratio = (v_x.flatten(1).norm(dim=1) / sqrt_N).clamp(max=1 - 1e-6)
+            scale = math.sqrt(v_x[0].numel() + 1)  # the target's sqrt(N + 1) (training.pfgm.normalized_field)
+            # |v_x| / scale ~ |E| / (|E| + gamma) gives |E|; then v_z = -scale z / (|(E, z)| + gamma).
+            ratio = (v_x.flatten(1).norm(dim=1) / scale).clamp(max=1 - 1e-6)
             norm = self.gamma * ratio / (1 - ratio)
-            implied = -sqrt_N * z / ((norm.square() + z.square()).sqrt() + self.gamma)
+            implied = -scale * z / ((norm.square() + z.square()).sqrt() + self.gamma)
             v_z = torch.where(z < self.z_exp, implied, v_z)
         return v_z.clamp(max=-_V_Z_CEILING)
 
