@@ -96,3 +96,12 @@ def tiny_network(channels: int = 3, label_dim: int = 0, D: float = 128.0, precon
                                    channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
     return preconditioning.PRECONDITIONERS[precond](model, img_resolution=8, img_channels=channels,
                                                      label_dim=label_dim, D=1.0 if precond == "pfgm" else D)
+
+
+def snapshot_and_dataset(folder: Path, count: int) -> tuple[Path, Path]:
+    """A saved tiny D = 128 network (seeded weights) and an unlabelled dataset of `count` 8x8 images in `folder`."""
+    from training import checkpoint
+
+    torch.manual_seed(0)
+    checkpoint.save_network(folder / "net.pt", tiny_network(channels=3, D=128.0))
+    return folder / "net.pt", make_dataset(folder / "data.zip", count=count, labels=False)

@@ -10,10 +10,9 @@ from click.testing import CliRunner
 
 import generate
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
-from tests.helpers import tiny_network
-from tests.helpers import make_dataset
+from tests.helpers import snapshot_and_dataset, tiny_network
 from torch_utils import rng
-from training import checkpoint, generation, latents, pfgmpp, sampling
+from training import generation, latents, pfgmpp, sampling
 
 F64 = torch.float64
 
@@ -92,10 +91,7 @@ def test_latent_files_round_trip_and_unsafe_files_are_refused(tmp_path, suffix):
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("latents")
-    torch.manual_seed(0)
-    checkpoint.save_network(folder / "net.pt", tiny_network(channels=3, D=128.0))
-    return folder / "net.pt", make_dataset(folder / "data.zip", count=3, labels=False)
+    return snapshot_and_dataset(tmp_path_factory.mktemp("latents"), count=3)
 
 
 def run(args, ok=True):

@@ -22,9 +22,8 @@ import torch
 from click.testing import CliRunner
 
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
-from tests.helpers import tiny_network
-from tests.helpers import ROOT, free_port, make_dataset, subprocess_env
-from training import checkpoint, likelihood, pfgmpp
+from tests.helpers import ROOT, free_port, snapshot_and_dataset, subprocess_env
+from training import likelihood, pfgmpp
 
 F64 = torch.float64
 
@@ -169,10 +168,7 @@ def test_clipped_prior_and_bad_options_are_refused():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("likelihood")
-    torch.manual_seed(0)
-    checkpoint.save_network(folder / "net.pt", tiny_network(channels=3, D=128.0))
-    return folder / "net.pt", make_dataset(folder / "data.zip", count=4, labels=False)
+    return snapshot_and_dataset(tmp_path_factory.mktemp("likelihood"), count=4)
 
 
 @pytest.mark.slow
