@@ -127,7 +127,7 @@ def download(
     name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rsplit("/", 1)[-1].split("?")[0]) or "download"
     folder = Path(cache) if cache is not None else cache_dir()
     target = folder / hashlib.sha256(url.encode()).hexdigest()[:16] / name
-    if target.is_file() and (sha256 is None or _sha256_of(target) == sha256.lower()):
+    if target.is_file() and (sha256 is None or sha256_of(target) == sha256.lower()):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     last_error: Exception | None = None
@@ -173,7 +173,8 @@ def _fetch(requests, url: str, target: Path, sha256: str | None, timeout_s: floa
                 )
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file, hex, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

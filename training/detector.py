@@ -118,7 +118,7 @@ def load_detector(
         if not path.is_file():
             origin = f"${ENV_VAR}" if source is None or str(source) == "" else "--detector"
             raise ValueError(f"no detector file at {path} (from {origin}); {_HINT}, or leave both unset to download it")
-        digest = util._sha256_of(path) if sha256 is not None else None
+        digest = util.sha256_of(path) if sha256 is not None else None
         if digest is not None and digest != sha256.lower():
             raise ValueError(f"{path}: SHA-256 {digest} is not the expected {sha256.lower()}; the file was not read")
     try:
