@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from training import dataset_sources, dataset_transforms
+from training.datasets import CHANNELS, TRANSFORMS, convert_dataset, open_source, parse_resolution, validate_options
 
 
 class _Resolution(click.ParamType):
@@ -27,7 +27,7 @@ class _Resolution(click.ParamType):
         if isinstance(value, tuple):
             return value
         try:
-            return dataset_transforms.parse_resolution(value)
+            return parse_resolution(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
 
@@ -49,12 +49,12 @@ _SOURCE_HELP = "Image folder, ZIP, cifar-10-python.tar.gz, train-images-idx3-uby
 @click.option("--resolution", type=_Resolution(), help="Resize to WxH (Lanczos), e.g. 64x64")
 @click.option(
     "--transform",
-    type=click.Choice(dataset_transforms.TRANSFORMS),
+    type=click.Choice(TRANSFORMS),
     help="Crop before resizing, or pad (needs --resolution)",
 )
 @click.option(
     "--channels",
-    type=click.Choice(dataset_transforms.CHANNELS),
+    type=click.Choice(CHANNELS),
     default="keep",
     show_default=True,
     help="Keep grayscale/RGB as stored (all must agree), or convert every image",
@@ -75,9 +75,9 @@ def main(source: str, dest: str, **cli: Any) -> None:
     """
     open_kwargs, output_kwargs, run_kwargs = build_options(**cli)
     try:
-        dataset_sources.validate_options(dest, **output_kwargs)  # fail fast, before listing a large source
-        opened = dataset_sources.open_source(source, **open_kwargs)
-        summary = dataset_sources.convert_dataset(opened, dest, **output_kwargs, **run_kwargs)
+        validate_options(dest, **output_kwargs)  # fail fast, before listing a large source
+        opened = open_source(source, **open_kwargs)
+        summary = convert_dataset(opened, dest, **output_kwargs, **run_kwargs)
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(summary.describe())

@@ -17,16 +17,13 @@ downloaded once into the cache; `--detector=PATH` or $PFGMPP_DETECTOR for offlin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
-import torch
 
 from dnnlib import util
 from torch_utils import distributed
-from training import detector as detectors
 from training import generation, metrics
-from training.dataset import DatasetError, ImageFolderDataset
+from training.cli import SeedList, sampler_options, settings_from_options, user_errors
 
 _COMMON = [
     click.option("--batch", "batch_size", help="Images per batch per rank", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True),
@@ -42,71 +39,11 @@ def common_options(command):
 
 
 def metric_list(ctx, param, value: str) -> list[str]:
-    """'fid,kid' -> ['fid', 'kid'], each one of metrics.METRICS."""
-    names = [v.strip().lower() for v in value.split(",") if v.strip()]
-    bad = [n for n in names if n not in metrics.METRICS]
-    if bad or not names:
-        raise click.BadParameter(f"choose among {', '.join(metrics.METRICS)} (comma-separated), got {value!r}")
-    return names
-
-
-def _fail_on_user_errors(fn):
-    """Run fn, turning the library's errors for bad input into click errors (no traceback)."""
+    """'fid,kid' -> ['fid', 'kid'], each a registered metric (training.metrics.METRICS)."""
     try:
-        return fn()
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-
-
-def open_images(path: str, num: int | None, seed: int) -> ImageFolderDataset:
-    """The images of a folder or ZIP; with `num`, a seeded choice of exactly num of them (EDM's subset)."""
-    dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
-    if num is not None and len(dataset) < num:
-        raise DatasetError(f"found {len(dataset)} images in {path}, but --num={num}; generate more or lower --num")
-    return dataset
-
-
-def dataset_batches(dataset, batch_size: int, workers: int):
-    """This rank's batches of (positions, uint8 NCHW), read by `workers` loader processes."""
-    batches = [list(b) for b in generation.rank_batches(len(dataset), batch_size)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         prefetch_factor=2 if workers else None)
-    for positions, (images, _labels) in zip(batches, loader):
-        yield positions, images
-
-
-def load_detector(source: str | None, device):
-    """The feature detector, downloaded by rank 0 before the other ranks read it from the cache."""
-    return distributed.main_first(lambda: detectors.load_detector(source, device=device, progress=distributed.is_main()))
-
-
-def _reference(ref: str, wanted: list[str], det, device, batch_size: int, workers: int) -> metrics.Reference:
-    """Reference statistics from an npz (path or URL), or computed here from a dataset folder or ZIP."""
-    if not util.is_url(ref) and Path(ref).exists() and not ref.endswith(".npz"):
-        dataset = ImageFolderDataset(ref)
-        stats = metrics.compute_stats(dataset_batches(dataset, batch_size, workers), det, len(dataset), device, {"fid", "kid"})
-        mu, sigma = stats.mean_cov()
-        return metrics.Reference(mu, sigma, stats.features.cpu().numpy(), len(dataset))
-    reference = distributed.main_first(lambda: metrics.load_reference(ref))
-    if "kid" in wanted and reference.features is None:
-        raise ValueError(f"{ref} holds no features, which KID needs: make it with `fid.py ref --features=1`, "
-                         "or pass the dataset itself as --ref")
-    return reference
-
-
-def report(stats: metrics.FeatureStats, reference: metrics.Reference | None, wanted: list[str], seed: int) -> dict:
-    """The requested metrics from the statistics of the evaluated images and the reference."""
-    results = {}
-    if "fid" in wanted:
-        mu, sigma = stats.mean_cov()
-        results["fid"] = metrics.fid_from_stats(mu, sigma, reference.mu, reference.sigma)
-    if "kid" in wanted:
-        generator = torch.Generator().manual_seed(seed)
-        ref_features = torch.as_tensor(reference.features, device=stats.features.device)
-        results["kid"] = metrics.kid_from_features(stats.features, ref_features, generator=generator)
-    if "is" in wanted:
-        results["is_mean"], results["is_std"] = metrics.inception_score(stats.probs)
-    return results
+        return metrics.parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def finish(results: dict, record: dict, out: str | None) -> None:
@@ -133,7 +70,7 @@ def main():
 
 _EVAL = [
     click.option("--ref", "ref", help="Reference statistics (npz path or URL), or a dataset folder/ZIP", metavar="NPZ|URL|DIR"),
-    click.option("--metrics", "wanted", help="Metrics to compute: fid, kid, is", metavar="LIST", callback=metric_list, default="fid", show_default=True),
+    click.option("--metrics", "wanted", help="Metrics to compute, comma-separated: " + ", ".join(f"{n} ({m.description})" for n, m in metrics.METRICS.items()), metavar="LIST", callback=metric_list, default="fid", show_default=True),
     click.option("--out", help="Also write the results as JSON", metavar="JSON", type=click.Path(dir_okay=False)),
 ]
 
@@ -146,8 +83,9 @@ def eval_options(command):
 
 
 def _check_ref(ref, wanted) -> None:
-    if ref is None and ("fid" in wanted or "kid" in wanted):
-        raise click.UsageError("--ref is required for FID and KID (an npz such as EDM's fid-refs, or a dataset)")
+    needing = [n for n in wanted if metrics.get(n).reference is not None]
+    if ref is None and needing:
+        raise click.UsageError(f"--ref is required for {', '.join(needing)} (an npz such as EDM's fid-refs, or a dataset)")
 
 
 @main.command()
@@ -162,14 +100,13 @@ def calc(image_path, num_expected, seed, workers, ref, wanted, out, batch_size, 
     _check_ref(ref, wanted)
     device = distributed.init()
 
-    def run():
-        dataset = open_images(image_path, num_expected, seed)
-        det = load_detector(detector_source, device)
-        reference = None if ref is None else _reference(ref, wanted, det, device, batch_size, workers)
-        stats = metrics.compute_stats(dataset_batches(dataset, batch_size, workers), det, len(dataset), device, wanted)
-        return report(stats, reference, wanted, seed)
-
-    results = _fail_on_user_errors(run)
+    with user_errors():
+        dataset = metrics.open_images(image_path, num_expected, seed)
+        det = metrics.detector.load_shared(detector_source, device)
+        needs = metrics.reference_needs(wanted)
+        reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, workers)
+        batches = metrics.dataset_batches(dataset, batch_size, workers)
+        results = metrics.evaluate(wanted, metrics.statistics(batches, det, len(dataset), device, wanted), reference, seed)
     finish(results, dict(images=image_path, num=num_expected, ref=ref, detector=detector_source), out)
     distributed.shutdown()
 
@@ -184,16 +121,14 @@ def ref(dataset_path, dest, keep_features, workers, batch_size, detector_source)
     """Compute reference statistics of a dataset (EDM-compatible npz)."""
     device = distributed.init()
 
-    def run():
-        dataset = ImageFolderDataset(dataset_path)
-        det = load_detector(detector_source, device)
-        wanted = {"fid", "kid"} if keep_features else {"fid"}
-        stats = metrics.compute_stats(dataset_batches(dataset, batch_size, workers), det, len(dataset), device, wanted)
+    with user_errors():
+        dataset = metrics.open_images(dataset_path)
+        det = metrics.detector.load_shared(detector_source, device)
+        keep = {"features"} if keep_features else set()
+        stats = metrics.compute_stats(metrics.dataset_batches(dataset, batch_size, workers), det, len(dataset), device, keep)
         if distributed.is_main():
             metrics.save_reference(dest, stats, keep_features)
-        return len(dataset)
-
-    count = _fail_on_user_errors(run)
+        count = len(dataset)
     distributed.print0(f"wrote {dest}: statistics of {count} images")
     distributed.shutdown()
 
@@ -201,19 +136,16 @@ def ref(dataset_path, dest, keep_features, workers, batch_size, detector_source)
 @main.command()
 @click.option("--network", help="Network snapshot or EDM/PFGM++ checkpoint", metavar="PATH|URL", type=str, required=True)
 @click.option("--num", "--num_images", "num", help="Number of images [default: the number of seeds, else 50000; --num_images under torchrun]", metavar="INT", type=click.IntRange(min=2))
-@click.option("--seeds", help="Seeds of the images [default: 0 to num-1]", metavar="LIST", type=generation.SeedList())
+@click.option("--seeds", help="Seeds of the images [default: 0 to num-1]", metavar="LIST", type=SeedList())
 @click.option("--class", "class_idx", help="Class label [default: random]", metavar="INT", type=click.IntRange(min=0))
 @eval_options
 @common_options
-@generation.sampler_options
+@sampler_options
 def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_source, **opts):
     """Sample a network in memory and evaluate the samples (no PNGs written)."""
     _check_ref(ref, wanted)
     seed_list = _seed_list(seeds, num)
-    try:
-        settings = generation.settings_from_options(opts)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
+    settings = settings_from_options(opts)
     device = distributed.init()
     nfe = []
 
@@ -222,15 +154,14 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_s
             nfe.append(b.nfe)
             yield b.indices, b.images.permute(0, 3, 1, 2)
 
-    def run():
+    with user_errors():
         net = generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx)
-        det = load_detector(detector_source, device)
-        reference = None if ref is None else _reference(ref, wanted, det, device, batch_size, 3)
-        stats = metrics.compute_stats(in_memory(net), det, len(seed_list), device, wanted)
-        return report(stats, reference, wanted, seed_list[0])
-
-    results = _fail_on_user_errors(run)
-    sampler = dict(solver=settings.solver, **settings.given(), nfe_per_batch=sum(nfe) / max(len(nfe), 1))
+        det = metrics.detector.load_shared(detector_source, device)
+        needs = metrics.reference_needs(wanted)
+        reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, 3)
+        stats = metrics.statistics(in_memory(net), det, len(seed_list), device, wanted)
+        results = metrics.evaluate(wanted, stats, reference, seed_list[0])
+    sampler = dict(solver=settings.solver, **settings.options, nfe_per_batch=sum(nfe) / max(len(nfe), 1))
     contiguous = seed_list == list(range(seed_list[0], seed_list[-1] + 1))
     finish(results, dict(network=network, num=len(seed_list), seeds=f"{seed_list[0]}-{seed_list[-1]}" if contiguous else seed_list,
                          ref=ref, detector=detector_source, sampler=sampler), out)

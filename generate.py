@@ -28,7 +28,10 @@ import click
 import torch
 
 from torch_utils import distributed
+from torch_utils.precision import configure as configure_precision
 from training import generation, images
+from training.cli import SeedList, sampler_options, settings_from_options, user_errors
+from training.pfgmpp import format_D
 
 
 def image_path(outdir: Path, seed: int, subdirs: bool) -> Path:
@@ -48,16 +51,14 @@ def check_writable(outdir: Path) -> None:
 
 def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
     """The network, checked against the options that must agree with it; errors as click errors."""
-    try:
+    with user_errors():
         return generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 @click.option("--network", help="Network snapshot or EDM/PFGM++ checkpoint", metavar="PATH|URL", type=str, required=True)
 @click.option("--outdir", help="Where to save one PNG per seed", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--seeds", help="Random seeds (e.g. 1,2,5-10)", metavar="LIST", type=generation.SeedList(), default="0-63", show_default=True)
+@click.option("--seeds", help="Random seeds (e.g. 1,2,5-10)", metavar="LIST", type=SeedList(), default="0-63", show_default=True)
 @click.option("--subdirs", help="Create a subdirectory for every 1000 seeds", is_flag=True)
 @click.option("--class", "class_idx", help="Class label [default: random]", metavar="INT", type=click.IntRange(min=0))
 @click.option("--batch", "batch_size", help="Maximum batch size per rank", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
@@ -67,7 +68,7 @@ def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
 @click.option("--interpolate", help="Interpolate between two seeds or latent files into --grid", metavar="A,B", type=str)
 @click.option("--frames", help="Images along --interpolate", metavar="INT", type=click.IntRange(min=2), default=8, show_default=True)
 @click.option("--temperature", help="Prior radius scales, one --grid row each", metavar="LIST", callback=lambda ctx, p, v: _floats(v))
-@generation.sampler_options
+@sampler_options
 def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, latent_format, interpolate, frames,
          temperature, **opts):
     """Generate images with seeded, batch-independent sampling."""
@@ -80,10 +81,7 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
         raise click.UsageError("--encode writes one latent per image: give --outdir")
     if outdir is None and grid is None:
         raise click.UsageError("give --outdir (one PNG per seed) and/or --grid (one PNG)")
-    try:
-        settings = generation.settings_from_options(opts)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
+    settings = settings_from_options(opts)
     device = distributed.init()
     outdir = None if outdir is None else Path(outdir)
     if outdir is not None and distributed.is_main():
@@ -92,22 +90,17 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
         check_writable(Path(grid).resolve().parent)
     net = load(network, device, opts, class_idx)
     work = modes[0] if modes and not temperature else f"{len(seeds)} images"
-    distributed.print0(f"{type(net).__name__} D={'inf' if math.isinf(net.D) else f'{net.D:g}'}: "
+    distributed.print0(f"{type(net).__name__} D={format_D(net.D)}: "
                        f"{work} on {distributed.get_world_size()} rank(s)")
     if modes:
-        try:
-            with generation.precision_context(opts["precision"], device):
-                _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
-                             interpolate, frames, temperature)
-        except (ValueError, OSError) as error:
-            raise click.ClickException(str(error)) from None
+        with user_errors(), configure_precision(opts["precision"], device, generation.PRECISIONS):
+            _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
+                         interpolate, frames, temperature)
         distributed.print0("done")
         distributed.shutdown()
         return
-    try:
+    with user_errors():
         tiles = _generate(net, seeds, batch_size, device, settings, class_idx, opts["precision"], outdir, subdirs, grid)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
     if grid is not None:
         tiles = distributed.assemble(tiles, range(len(tiles)), len(tiles))
         if distributed.is_main():
@@ -133,7 +126,7 @@ def _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outd
                  interpolate, frames, temperature) -> None:
     """--encode, --interpolate or --temperature (training/latents.py); grids are written by rank 0."""
     from training import latents
-    from training.dataset import ImageFolderDataset
+    from training.datasets import ImageFolderDataset
 
     if encode:
         dataset = ImageFolderDataset(encode, use_labels=bool(net.label_dim))

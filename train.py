@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -18,20 +17,8 @@ import click
 
 from dnnlib.util import EasyDict, atomic_write
 from torch_utils import distributed
-
-
-class _AugDim(click.ParamType):
-    name = "D"
-
-    def convert(self, value, param, ctx):
-        try:
-            D = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number; give D > 0 such as 128, or 'inf'", param, ctx)
-        if math.isnan(D) or D <= 0:
-            self.fail(f"D must be > 0 (or 'inf'), got {value}", param, ctx)
-        return D
-
+from training import preconditioners
+from training.cli import AugDim, user_errors
 
 def _run_dir(outdir: Path, desc: str, nosubdir: bool, resume: str | None) -> Path:
     """outdir itself (--nosubdir), the newest run of this description (--resume=auto), or a new NNNNN-desc."""
@@ -63,9 +50,9 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
 @click.option("--data", help="Training data: a ZIP or folder made by dataset_tool.py", metavar="ZIP|DIR", type=str, required=True)
 @click.option("--cond", help="Train class-conditional", metavar="BOOL", type=bool, default=False, show_default=True)
 @click.option("--arch", help="Network architecture", type=click.Choice(["ddpmpp", "ncsnpp", "adm"]), default="ddpmpp", show_default=True)
-@click.option("--precond", help="Preconditioning and loss (pfgm: PFGM, D = 1)", type=click.Choice(["vp", "ve", "edm", "pfgm"]), default="edm", show_default=True)
+@click.option("--precond", help="Preconditioning and loss (pfgm: PFGM, D = 1)", type=click.Choice(preconditioners.trainable()), default="edm", show_default=True)
 @click.option("--pfgmpp", "pfgmpp_on", help="Train PFGM++ (needs --aug_dim)", metavar="BOOL", type=bool, default=False, show_default=True)
-@click.option("--aug_dim", help="PFGM++ augmented dimension D > 0 ('inf' = diffusion)", type=_AugDim(), default=None)
+@click.option("--aug_dim", help="PFGM++ augmented dimension D > 0 ('inf' = diffusion)", type=AugDim(), default=None)
 @click.option("--duration", help="Training duration", metavar="MIMG", type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
 @click.option("--batch", help="Total batch size", metavar="INT", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--batch-gpu", "--batch_gpu", "batch_gpu", help="Limit batch size per GPU (accumulate)", metavar="INT", type=click.IntRange(min=1))
@@ -123,25 +110,16 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
 def main(outdir, data, desc, nosubdir, dry_run, transfer, resume, bench, **opts):
     """Train PFGM++ / diffusion models (single process, or torchrun for several GPUs and nodes)."""
     from training import config as config_lib
-    from training.dataset import ImageFolderDataset
+    from training.datasets import ImageFolderDataset
 
     if transfer and resume:
         raise click.UsageError("--transfer and --resume cannot be combined: --resume continues a run, --transfer starts one")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist_timeout = opts.pop("dist_timeout")
-    try:
+    with user_errors():
         c = config_lib.training_config(data=data, world_size=world, **opts)
         dataset = ImageFolderDataset(**c.dataset_kwargs)
-        if c.precond_class == "PFGMPrecond":
-            from training import pfgm
-
-            c = config_lib.complete_pfgm(c, dataset.num_channels * dataset.resolution**2, lambda: pfgm.average_norm(dataset))
-        if c.loss_kwargs.get("fp"):  # the score FPE needs D = inf or D >> N
-            from training import fp_regularizer
-
-            fp_regularizer.check_D(c.D, dataset.num_channels * dataset.resolution**2)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+        c = config_lib.complete(c, dataset, world)
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise click.ClickException(f"--resume={resume}: no such training state")
     c.update(transfer=transfer, cudnn_benchmark=bench, dist_timeout=dist_timeout)
@@ -156,7 +134,7 @@ def main(outdir, data, desc, nosubdir, dry_run, transfer, resume, bench, **opts)
 
 
 def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, resume: str | None) -> None:
-    from training import loss
+    from training.config import build_loss
     from training.training_loop import find_resume_state, training_loop
 
     distributed.init(timeout_s=c.dist_timeout)
@@ -179,7 +157,7 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
         log.warning(f"torchrun restarted the workers (restart {distributed.restart_count()}) but --resume is not set: "
                     "this run starts from scratch; launch with --resume=auto to continue instead")
     log.info(f"run directory: {run_dir}")
-    loss_fn = getattr(loss, c.loss_class)(**c.loss_kwargs)
+    loss_fn = build_loss(c)
     pipe = None
     if c.augment_kwargs:
         from training.augment import AugmentPipe

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.bench_perturbation import _resolve_device, device_name  # noqa: E402
+from bench.bench_perturbation import resolve_device, device_name  # noqa: E402
 from dnnlib.util import DownloadError  # noqa: E402
-from training import generation, metrics, networks, preconditioning  # noqa: E402
-from training import detector as detectors  # noqa: E402
+from training import generation, metrics, networks, preconditioners, samplers  # noqa: E402
+from training.metrics import detector as detectors  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -40,13 +40,13 @@ def _sync(device: torch.device) -> None:
 def cifar_network(arch: str, device: torch.device) -> torch.nn.Module:
     """The published CIFAR-10 configuration of `arch` (unconditional, 9 augmentation labels) under EDM preconditioning."""
     model = networks.build_network(arch, 32, 3, 3, augment_dim=9)
-    net = preconditioning.PRECONDITIONERS["edm"](model, img_resolution=32, img_channels=3, D=128.0)
+    net = preconditioners.PRECONDITIONERS["edm"](model, img_resolution=32, img_channels=3, D=128.0)
     return net.eval().requires_grad_(False).to(device)
 
 
 def time_generation(net, device, batch: int, count: int, steps: int, precision: str) -> float:
     """Images per second of `generation.generate` for `count` images after one warm-up batch."""
-    settings = generation.SamplerSettings(dict(num_steps=steps))
+    settings = samplers.SamplerSettings("heun", dict(num_steps=steps))
     for _ in generation.generate(net, range(batch), batch, device, settings, precision=precision):
         pass
     _sync(device)
@@ -80,7 +80,7 @@ def time_features(det, device, batch: int, count: int) -> float:
 @click.option("--skip-generation", is_flag=True, help="Only time the detector")
 def main(device, arch, batch, count, steps, precisions, detector_source, skip_generation):
     """Print generation and feature-extraction throughput."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     precisions = (precisions or ("tf32,bf16" if device.type == "cuda" else "fp32")).split(",")
     print(f"device: {device_name(device)}; torch {torch.__version__}; batch {batch}; {count} images per case")

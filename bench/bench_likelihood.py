@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.bench_perturbation import _resolve_device, device_name  # noqa: E402
+from bench.bench_perturbation import resolve_device, device_name  # noqa: E402
 from torch_utils import rng  # noqa: E402
-from training import likelihood, loss, networks, preconditioning  # noqa: E402
+from training import likelihood, networks, preconditioners  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -42,7 +42,7 @@ def network(resolution: int, cbase: int | None, device: torch.device) -> torch.n
     if resolution <= 16:
         kwargs.update(channel_mult=[1, 2], attn_resolutions=[])
     model = networks.build_network("ddpmpp", resolution, 3, 3, **kwargs)
-    return preconditioning.EDMPrecond(model, img_resolution=resolution, img_channels=3, D=float("inf")).to(device)
+    return preconditioners.EDMPrecond(model, img_resolution=resolution, img_channels=3, D=float("inf")).to(device)
 
 
 def time_step(net, loss_fn, images, device, repeats: int) -> float:
@@ -67,12 +67,12 @@ def time_step(net, loss_fn, images, device, repeats: int) -> float:
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 def main(device, resolution, cbase, batch, repeats):
     """Print the regulariser's and the likelihood's costs."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     torch.manual_seed(0)
     net = network(resolution, cbase, device).train()
     images = torch.rand([batch, 3, resolution, resolution], device=device) * 2 - 1
-    plain = time_step(net, loss.EDMLoss(), images, device, repeats)
-    regularised = time_step(net, loss.EDMLoss(fp=dict(alpha=0.15, beta=0.01)), images, device, repeats)
+    plain = time_step(net, preconditioners.EDMLoss(), images, device, repeats)
+    regularised = time_step(net, preconditioners.EDMLoss(fp=dict(alpha=0.15, beta=0.01)), images, device, repeats)
     print(f"{device_name(device)}: DDPM++ {resolution}x{resolution}, batch {batch}")
     print(f"  training step: {plain:.3f} s plain, {regularised:.3f} s with the FP regulariser ({regularised / plain:.1f}x)")
     net.eval().requires_grad_(False)

@@ -32,7 +32,7 @@ from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.bench_perturbation import _resolve_device, device_name, time_cases  # noqa: E402
+from bench.bench_perturbation import resolve_device, device_name, time_cases  # noqa: E402
 from training.networks import build_network  # noqa: E402
 
 # name: (arch, build keyword arguments, forward GFLOP per image from REFERENCE_FACTS.md)
@@ -160,7 +160,7 @@ def bench_preset(name: str, device: torch.device, batch: int, variants: list[str
 @click.option("--presets", default=",".join(PRESETS), show_default=True, help="Comma-separated subset of presets")
 def main(device: str, batch: int | None, repeats: int | None, warmup: int, variants: str | None, presets: str) -> None:
     """Time the network presets and print img/s and achieved FLOP/s per variant."""
-    resolved = _resolve_device(device)
+    resolved = resolve_device(device)
     cuda = resolved.type == "cuda"
     batch = batch or (64 if cuda else 2)
     repeats = repeats or (20 if cuda else 2)

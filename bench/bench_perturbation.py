@@ -84,7 +84,7 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda if available, else cpu; reject devices that are not usable here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +136,7 @@ def _print_header(device: torch.device, warmup: int, repeats: int, number: int) 
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed")
 def main(device: str, warmup: int, repeats: int, number: int | None, seed: int) -> None:
     """Time sample_perturbation against torch.randn and print a table (ms per call, ratio to randn)."""
-    resolved = _resolve_device(device)
+    resolved = resolve_device(device)
     number = number or (20 if resolved.type == "cuda" else 1)
     _print_header(resolved, warmup, repeats, number)
     target = TARGET[resolved.type]

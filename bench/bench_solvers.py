@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tests.oracles import AnalyticDenoiser  # noqa: E402
 from torch_utils import rng  # noqa: E402
-from training import ode, sampling  # noqa: E402
+from training import ode, samplers  # noqa: E402
+from training.samplers import rk45  # noqa: E402
+from training.samplers.base import log_sigma_drift  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 HEUN_STEPS = (4, 6, 8, 10, 13, 18, 25, 35, 50, 70)
@@ -54,7 +56,7 @@ def _timed(device, fn):
 
 def _log_euler(net, latents, steps):
     """Improved Euler on a uniform grid in ln(sigma) (PFGM's grid in ln z), then the Euler step to 0."""
-    drift = sampling.log_sigma_drift(net)
+    drift = log_sigma_drift(net)
     t = torch.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), steps + 1, dtype=torch.float64).tolist()
     solution = ode.fixed_step(drift, latents.to(torch.float64), t, "improved_euler")
     return solution.y, solution.y - drift(t[-1], solution.y), solution.nfe + 1
@@ -64,14 +66,13 @@ def _heun(net, latents, steps):
     """EDM's sampler; also returns x at sigma_min (the state before its last step, to sigma = 0)."""
     states = {}
     record = lambda i, a, b, x, d: states.update({i: x})  # noqa: E731
-    out = sampling.sample(net, latents, num_steps=steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, callback=record)
+    out = samplers.sample(net, latents, num_steps=steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, callback=record)
     return states[steps - 2], out, 2 * steps - 1
 
 
 def _rk45(net, latents, tol):
-    x_min, nfe = sampling.sample_rk45(net, latents, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rtol=tol, atol=tol,
-                                      denoise=False)
-    return x_min, net(x_min, SIGMA_MIN).to(x_min.dtype), nfe  # the denoise step is free inside sample_rk45
+    x_min, nfe = rk45.sample(net, latents, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rtol=tol, atol=tol, denoise=False)
+    return x_min, net(x_min, SIGMA_MIN).to(x_min.dtype), nfe  # the denoise step is free inside the rk45 solver
 
 
 def _runs(net, latents, device):
@@ -133,7 +134,7 @@ def main(device, D_list, count, points, channels, resolution):
     for D in (float(v) for v in D_list.split(",")):
         net = AnalyticDenoiser(data.to(device), D).to(device)
         generators = rng.seeded_generators(range(count), device=device)
-        latents = sampling.prior_latents(net, generators, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX).to(torch.float64)
+        latents = samplers.prior_latents(net, generators, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX).to(torch.float64)
         reference = _rk45(net, latents, 1e-9)[:2]
         click.echo(f"\nD = {D:g}")
         _report(_runs(net, latents, device), reference, data.to(device), count)

@@ -20,7 +20,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from training import config as config_lib
-from training import loss as loss_lib
 from training.training_loop import Trainer, set_precision
 
 # Dense peak TFLOP/s by (device name fragment, precision); SXM parts, from NVIDIA's data sheets.
@@ -72,7 +71,7 @@ def main(arch, resolution, batch, batch_gpu, precision, aug_dim, cbase, compile_
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_precision(c, device)
     dataset = RandomImages(resolution)
-    trainer = Trainer(c, run_dir=".", dataset=dataset, device=device, loss_fn=getattr(loss_lib, c.loss_class)(**c.loss_kwargs))
+    trainer = Trainer(c, run_dir=".", dataset=dataset, device=device, loss_fn=config_lib.build_loss(c))
     batches = trainer.batches()
     flops = _flops_per_image(trainer, batches, c.batch_gpu)
     for _ in range(warmup):

@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from training import networks, preconditioning, training_loop
+from training import networks, preconditioners, training_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--nblock=1", "--attn=4", "--dropout=0", "--augment=0",
@@ -94,7 +94,7 @@ def tiny_network(channels: int = 3, label_dim: int = 0, D: float = 128.0, precon
     out_channels = channels + (precond == "pfgm")
     model = networks.build_network("ddpmpp", 8, channels, out_channels, label_dim=label_dim, model_channels=8,
                                    channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
-    return preconditioning.PRECONDITIONERS[precond](model, img_resolution=8, img_channels=channels,
+    return preconditioners.PRECONDITIONERS[precond](model, img_resolution=8, img_channels=channels,
                                                      label_dim=label_dim, D=1.0 if precond == "pfgm" else D)
 
 

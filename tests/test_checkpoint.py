@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from tests import edm_fixtures as fx
-from training import checkpoint, networks, preconditioning
+from training import checkpoint, networks, preconditioners
+from training.cli import convert
 
 TINY_SONG = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
 TINY_ADM = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
@@ -21,7 +22,7 @@ def _net(precond="EDMPrecond", model="SongUNet", D=128.0, label_dim=0, seed=0, *
     out = channels * 2 if precond == "iDDPMPrecond" else channels
     kwargs = {**(TINY_SONG if model == "SongUNet" else TINY_ADM), **model_kwargs}
     inner = networks.NETWORKS[model](img_resolution=16, in_channels=channels, out_channels=out, label_dim=label_dim, **kwargs)
-    cls = {c.__name__: c for c in preconditioning.PRECONDITIONERS.values()}[precond]
+    cls = preconditioners.by_class_name(precond)
     return cls(inner, img_resolution=16, img_channels=channels, label_dim=label_dim, D=D).eval()
 
 
@@ -132,11 +133,11 @@ def test_convert_command(tmp_path):
     net = _net(D=64.0, seed=4)
     src = fx.write_pickle(tmp_path / "edm.pkl", {"ema": fx.edm_precond_record(net, "", pfgmpp_D=64.0)})
     dest = tmp_path / "converted.pt"
-    result = CliRunner().invoke(checkpoint.main, [str(src), str(dest)])
+    result = CliRunner().invoke(convert.main, [str(src), str(dest)])
     assert result.exit_code == 0, result.output
     assert zipfile.is_zipfile(dest) and "D=64.0" in result.output
     assert torch.equal(_outputs(checkpoint.load_network(dest)), _outputs(net))
-    bad = CliRunner().invoke(checkpoint.main, [str(tmp_path / "missing.pkl"), str(dest)])
+    bad = CliRunner().invoke(convert.main, [str(tmp_path / "missing.pkl"), str(dest)])
     assert bad.exit_code == 1 and "no such file" in bad.output and "Traceback" not in bad.output
 
 

@@ -1,5 +1,5 @@
-"""Tests of training/dataset.py: the loader reads EDM-format datasets (written here by hand, as EDM's
-tool writes them) and the format helpers that dataset_tool.py writes them with."""
+"""Tests of training/datasets/ (format, loader, writer): the loader reads EDM-format datasets (written
+here by hand, as EDM's tool writes them) and the format helpers that dataset_tool.py writes them with."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 
-from training.dataset import DatasetError, ImageFolderDataset, archive_name, dataset_writer, labels_json
+from training.datasets import DatasetError, ImageFolderDataset, archive_name, dataset_writer, labels_json
 
 N = 12
 

@@ -1,4 +1,4 @@
-"""Tests of dataset_tool.py and training/dataset_sources.py on sources written here in their real byte formats.
+"""Tests of dataset_tool.py and training/datasets/ on sources written here in their real byte formats.
 
 Fixtures: a CIFAR-10 python tarball of pickled batches (5 training batches of 4 images, a test_batch
 that must be ignored, batches.meta), MNIST idx(.gz) files with their magic numbers 2051/2049 and
@@ -29,9 +29,8 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from training import dataset_embedded, dataset_sources
-from training.dataset import ImageFolderDataset
-from training.dataset_sources import Source, SourceItem, convert_dataset, open_source
+from training.datasets import SOURCES, ImageFolderDataset, Source, SourceItem, SourceKind, convert_dataset, open_source
+from training.datasets import embedded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,6 +230,40 @@ def test_sources_are_recognised_by_content_not_name(tmp_path: Path) -> None:
     assert [item.label for item in open_source(str(tmp_path / "download.bin")).items()][:3] == [0, 1, 2]
 
 
+def toy_arrays(count: int) -> np.ndarray:
+    """The images of the toy source: image i is a 4x4 RGB ramp offset by 10 * i."""
+    return (np.arange(48, dtype=np.uint8).reshape(4, 4, 3) + 10 * np.arange(count, dtype=np.uint8)[:, None, None, None])
+
+
+def open_toy(path: Path, labels_from_folders: bool) -> Source:
+    count = int((path / "toy.marker").read_text())
+
+    def items():
+        for i, array in enumerate(toy_arrays(count)):
+            yield SourceItem(f"{path}[{i}]", i % 2, lambda a=array: PIL.Image.fromarray(a))
+
+    return Source(f"toy {path}", count, items, str(path))
+
+
+def test_a_new_source_kind_is_one_registry_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The extension point: a kind defined here, registered with one line, read by dataset_tool.py.
+    toy = SourceKind("toy", "a toy folder", detect=lambda path: (path / "toy.marker").is_file(), open=open_toy)
+    src = tmp_path / "toy-source"
+    src.mkdir()
+    (src / "toy.marker").write_text("5")  # a folder: without the kind it holds no images
+    dest = tmp_path / "toy.zip"
+    assert_clean_failure(run_cli(f"--source={src}", f"--dest={dest}"), dest, "no images in")
+    monkeypatch.setitem(SOURCES, "toy", toy)
+    result = run_cli(f"--source={src}", f"--dest={dest}")
+    assert result.exit_code == 0, result.output
+    assert f"source:     toy {src}" in result.output and "labels:     yes, 2 classes" in result.output
+    dataset = ImageFolderDataset(dest, use_labels=True)
+    assert np.array_equal(np.stack([dataset[i][0] for i in range(5)]), toy_arrays(5).transpose(0, 3, 1, 2))
+    assert [int(dataset[i][1].argmax()) for i in range(5)] == [0, 1, 0, 1, 0]
+    missing = run_cli(f"--source={tmp_path / 'missing'}", f"--dest={dest}", "--overwrite")
+    assert "embedded:shapes|digits or a toy folder" in missing.output  # messages list the registered kinds
+
+
 class _FakeLmdbEnv:
     def __init__(self, records: dict[bytes, bytes]) -> None:
         self.records = records
@@ -311,8 +344,8 @@ def _shape_features(images: np.ndarray) -> np.ndarray:
 def test_embedded_shapes_classes_are_learnable() -> None:
     # Clearly distinct classes: a nearest-centroid classifier on position- and size-normalised
     # foreground masks, fitted on 500 images, labels 500 others almost perfectly (chance: 10%).
-    train = [dataset_embedded.shapes_chunk(k) for k in range(5)]
-    test = [dataset_embedded.shapes_chunk(k) for k in range(5, 10)]
+    train = [embedded.shapes_chunk(k) for k in range(5)]
+    test = [embedded.shapes_chunk(k) for k in range(5, 10)]
     x_train, y_train = _shape_features(np.concatenate([x for x, _ in train])), np.concatenate([y for _, y in train])
     x_test, y_test = _shape_features(np.concatenate([x for x, _ in test])), np.concatenate([y for _, y in test])
     centroids = np.stack([x_train[y_train == c].mean(axis=0) for c in range(10)])
@@ -567,7 +600,7 @@ def test_embedded_digits_are_the_real_uci_digits(tmp_path: Path) -> None:
     """embedded:digits: 1,797 labelled 8x8 images, equal to scikit-learn's own loader (scaled 0..16 -> 0..255)."""
     datasets = pytest.importorskip("sklearn.datasets")
     reference = datasets.load_digits()
-    images, labels = dataset_embedded.digits_arrays()
+    images, labels = embedded.digits_arrays()
     assert images.shape == (1797, 8, 8) and np.array_equal(labels, reference.target)
     np.testing.assert_array_equal(images, np.rint(reference.images * 255 / 16).astype(np.uint8))
     dest = tmp_path / "digits.zip"

@@ -23,7 +23,7 @@ import torch
 from dnnlib import util
 from tests import edm_fixtures as fx
 from tests.detector_fixtures import StandIn, script_bytes
-from training import detector as det
+from training.metrics import detector as det
 from training import legacy
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

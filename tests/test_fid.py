@@ -12,8 +12,9 @@ import fid
 import generate
 from tests.detector_fixtures import write_detector
 from tests.helpers import tiny_network, torchrun
-from training import checkpoint, detector, generation, metrics
-from training.dataset import ImageFolderDataset
+from training import checkpoint, generation, metrics, samplers
+from training.datasets import ImageFolderDataset
+from training.metrics import detector
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 SAMPLER = ["--steps=3"]
@@ -60,11 +61,11 @@ def test_gen_equals_generate_then_calc_bit_for_bit(setup, tmp_path):
     device = torch.device("cpu")
     det = detector.load_detector(str(s["detector"]))
     net = checkpoint.load_network(s["net"])
-    settings = generation.SamplerSettings(dict(num_steps=3))
+    settings = samplers.SamplerSettings("heun", dict(num_steps=3))
     in_memory = ((b.indices, b.images.permute(0, 3, 1, 2)) for b in generation.generate(net, range(24), 5, device, settings))
-    from_png = fid.dataset_batches(fid.open_images(str(s["images"]), 24, 0), 5, 0)
-    a = metrics.compute_stats(in_memory, det, 24, device, ["fid", "kid"])
-    b = metrics.compute_stats(from_png, det, 24, device, ["fid", "kid"])
+    from_png = metrics.dataset_batches(metrics.open_images(str(s["images"]), 24, 0), 5, 0)
+    a = metrics.statistics(in_memory, det, 24, device, ["fid", "kid"])
+    b = metrics.statistics(from_png, det, 24, device, ["fid", "kid"])
     assert torch.equal(a.features, b.features)
     assert torch.equal(a.sum, b.sum) and torch.equal(a.outer, b.outer)
     ref = tmp_path / "ref.npz"
@@ -147,9 +148,9 @@ def test_bad_input_gives_a_clear_error(setup, tmp_path, case, message):
 
 def test_calc_picks_a_seeded_subset_like_edm(setup):
     """More images than --num: a seeded choice of exactly num, the same one for the same seed."""
-    a = fid.open_images(str(setup["images"]), 10, seed=1)
-    b = fid.open_images(str(setup["images"]), 10, seed=1)
-    c = fid.open_images(str(setup["images"]), 10, seed=2)
+    a = metrics.open_images(str(setup["images"]), 10, seed=1)
+    b = metrics.open_images(str(setup["images"]), 10, seed=1)
+    c = metrics.open_images(str(setup["images"]), 10, seed=2)
     names = lambda d: [d._image_names[i] for i in d._raw_idx]  # noqa: E731
     assert len(a) == 10 and names(a) == names(b) != names(c)
     assert len(ImageFolderDataset(str(setup["images"]))) == 24

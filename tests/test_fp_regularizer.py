@@ -16,7 +16,8 @@ from click.testing import CliRunner
 import train
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import make_dataset, run_train
-from training import config, fp_regularizer, likelihood, loss
+from training import config, divergence, preconditioners
+from training.preconditioners import fp_regularizer
 
 F64 = torch.float64
 
@@ -132,7 +133,7 @@ def test_hutchinson_residual_is_unbiased():
     net = AnalyticDenoiser(data, math.inf)
     x = _mixture_points(data, 0.3, 1, seed=4).expand(800, -1, -1, -1)
     sigma = torch.full([800], 0.3, dtype=F64)
-    probes = likelihood.draw_probes(x.shape, "rademacher", 1, torch.Generator().manual_seed(5), dtype=F64)
+    probes = divergence.draw_probes(x.shape, "rademacher", 1, torch.Generator().manual_seed(5), dtype=F64)
     res = fp_regularizer.score_fpe_residuals(net, x, sigma, probes, fd_step=1e-4)
     mean, se = res.vector.flatten(1).mean(dim=0), res.vector.flatten(1).std(dim=0) / math.sqrt(800)
     assert (mean.abs() < 4 * se + 1e-9).all() and se.max() > 0  # the single-probe residuals do vary
@@ -176,7 +177,7 @@ def test_the_regulariser_adds_exactly_its_stated_terms(weighting):
     net = TinyDenoiser().double()
     images = torch.rand([6, 1, 2, 2], generator=torch.Generator().manual_seed(1), dtype=F64) * 2 - 1
     options = dict(alpha=0.15, beta=0.01, m=2.0, weighting=weighting)
-    with_fp, without = loss.EDMLoss(fp=options), loss.EDMLoss()
+    with_fp, without = preconditioners.EDMLoss(fp=options), preconditioners.EDMLoss()
     draws = with_fp.draw(images.shape, "cpu", torch.Generator().manual_seed(2))
     assert len(draws) == 3 and len(without.draw(images.shape, "cpu", torch.Generator())) == 2
     draws = (draws[0].double(), draws[1].double(), draws[2].double())

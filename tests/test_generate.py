@@ -14,8 +14,8 @@ from click.testing import CliRunner
 import generate
 from tests import edm_fixtures as fx
 from tests.helpers import tiny_network, torchrun
-from torch_utils import rng
-from training import checkpoint, generation
+from torch_utils import distributed, rng
+from training import checkpoint, generation, samplers
 
 
 
@@ -46,9 +46,9 @@ def _pngs(folder):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_rank_batches_cover_every_position_once(world):
-    positions = [i for rank in range(world) for b in generation.rank_batches(23, 4, rank, world) for i in b]
+    positions = [i for rank in range(world) for b in distributed.rank_batches(23, 4, rank, world) for i in b]
     assert sorted(positions) == list(range(23))
-    assert all(len(b) <= 4 for rank in range(world) for b in generation.rank_batches(23, 4, rank, world))
+    assert all(len(b) <= 4 for rank in range(world) for b in distributed.rank_batches(23, 4, rank, world))
 
 
 def test_images_do_not_depend_on_batch_size_or_seed_order(snapshot, tmp_path):
@@ -66,7 +66,7 @@ def test_images_do_not_depend_on_batch_size_or_seed_order(snapshot, tmp_path):
 def test_float_samples_agree_across_batch_sizes(snapshot):
     """Below the uint8 quantisation the batch composition changes only rounding."""
     net = checkpoint.load_network(snapshot)
-    settings = generation.SamplerSettings(dict(num_steps=3))
+    settings = samplers.SamplerSettings("heun", dict(num_steps=3))
     together, _ = generation.sample_seeds(net, list(range(6)), "cpu", settings)
     alone = torch.cat([generation.sample_seeds(net, [s], "cpu", settings)[0] for s in range(6)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
@@ -172,6 +172,8 @@ def test_every_solver_generates_seeded_images(tmp_path, solver, options, D, prec
     (["--solver=heun", "--snr=0.2"], "--snr does not apply to --solver=heun"),
     (["--solver=pc", "--steps=2"], "D = inf|D=inf|finite D|diffusion"),
     (["--solver=pfgm_euler"], "networks trained with --precond=pfgm"),
+    (["--solver=pfgm_rk45", "--steps=5"], "--steps does not apply to --solver=pfgm_rk45; it reads --sigma_min, --sigma_max, --rtol"),
+    (["--solver=rk4"], "choose one of heun .EDM's second-order"),
 ])
 def test_solver_option_mismatch_is_a_clear_error(snapshot, tmp_path, args, message):
     result = run(["--network", snapshot, "--outdir", tmp_path, "--seeds=0", *args], ok=False)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from training.hparams import main, transfer_report
+from training.cli.hparams import main
+from training.hparams import transfer_report
 from training.pfgmpp import sample_prior
 
 N_CIFAR = 3 * 32 * 32

@@ -12,7 +12,7 @@ import generate
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import snapshot_and_dataset, tiny_network
 from torch_utils import rng
-from training import generation, latents, pfgmpp, sampling
+from training import latents, pfgmpp, samplers
 
 F64 = torch.float64
 
@@ -153,7 +153,7 @@ def test_latent_mode_errors_are_click_errors(snapshot, tmp_path, monkeypatch, ar
 def test_seed_latent_is_generate_pys_prior_draw():
     """The latent of seed s is the prior draw generate.py makes for s (one generator per seed)."""
     net = tiny_network(channels=1, D=64.0)
-    settings = generation.SamplerSettings(dict(num_steps=4))
+    settings = samplers.SamplerSettings("heun", dict(num_steps=4))
     z, label = latents.seed_latent(net, 7, "cpu", settings)
-    torch.testing.assert_close(z, sampling.prior_latents(net, rng.seeded_generators([7]), num_steps=4))
+    torch.testing.assert_close(z, samplers.prior_latents(net, rng.seeded_generators([7]), num_steps=4))
     assert label is None

@@ -23,7 +23,9 @@ from click.testing import CliRunner
 
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import ROOT, free_port, snapshot_and_dataset, subprocess_env
-from training import likelihood, pfgmpp
+from training import divergence, likelihood, pfgmpp
+from training.cli import likelihood as likelihood_cli
+from training.samplers.levels import flow_range
 
 F64 = torch.float64
 
@@ -67,11 +69,11 @@ def test_divergence_estimators(kind):
     x = torch.randn([3, 6], generator=g, dtype=F64).requires_grad_(True)
     out = torch.tanh(x @ A.T + b)
     trace = torch.stack([torch.autograd.functional.jacobian(lambda v: torch.tanh(A @ v + b), row).trace() for row in x.detach()])
-    torch.testing.assert_close(likelihood.divergence(out, x), trace)
-    probes = likelihood.draw_probes(x.shape, kind, 4000, g, dtype=F64)
+    torch.testing.assert_close(divergence.divergence(out, x), trace)
+    probes = divergence.draw_probes(x.shape, kind, 4000, g, dtype=F64)
     assert probes.shape == (3, 4000, 6) and (kind == "gaussian" or set(probes.unique().tolist()) == {-1.0, 1.0})
-    per_probe = torch.stack([likelihood.divergence(out, x, probes[:, k : k + 1]) for k in range(0, 4000, 400)])
-    mean = likelihood.divergence(out, x, probes)
+    per_probe = torch.stack([divergence.divergence(out, x, probes[:, k : k + 1]) for k in range(0, 4000, 400)])
+    mean = divergence.divergence(out, x, probes)
     se = per_probe.std(dim=0) / math.sqrt(4000)  # spread of single probes (10 of them) over sqrt(all probes)
     assert ((mean - trace).abs() < 4 * se + 1e-9).all()
 
@@ -82,7 +84,7 @@ def test_gaussian_data_log_likelihood_is_exact(estimator):
     net = GaussianDenoiser(0.5, channels=1, resolution=2)
     g = torch.Generator().manual_seed(1)
     x = torch.randn([6, 1, 2, 2], generator=g, dtype=F64) * 0.5
-    probes = None if estimator == "exact" else likelihood.draw_probes(x.shape, estimator, 1, g, dtype=F64)
+    probes = None if estimator == "exact" else divergence.draw_probes(x.shape, estimator, 1, g, dtype=F64)
     result = likelihood.log_likelihood(net, x, probes=probes, rtol=1e-7, atol=1e-7)
     variance = _gaussian_model_variance(0.5, result.sigma_min, result.sigma_max)
     torch.testing.assert_close(result.log_p, pfgmpp.log_prob(x, math.sqrt(variance), math.inf), rtol=0, atol=1e-5)
@@ -110,7 +112,7 @@ def test_hutchinson_likelihood_is_unbiased_for_finite_D():
     net = AnalyticDenoiser(data, 8.0)
     x = (data[1:2] + 0.01).expand(32, -1, -1, -1)
     exact = likelihood.log_likelihood(net, x[:1]).log_p
-    probes = likelihood.draw_probes(x.shape, "gaussian", 1, torch.Generator().manual_seed(3), dtype=F64)
+    probes = divergence.draw_probes(x.shape, "gaussian", 1, torch.Generator().manual_seed(3), dtype=F64)
     estimate = likelihood.log_likelihood(net, x, probes=probes, rtol=1e-4, atol=1e-4).log_p
     se = estimate.std() / math.sqrt(len(estimate))
     assert se > 0.01 and abs(estimate.mean() - exact) < 4 * se
@@ -136,7 +138,7 @@ def test_dataset_bpd_of_gaussian_model_is_exact():
     """
     net = GaussianDenoiser(0.5, channels=1, resolution=2)
     pixels = torch.randint(60, 200, [8, 1, 2, 2], generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
-    lo, hi = likelihood.sigma_range(net)
+    lo, hi = flow_range(net)
     v = _gaussian_model_variance(0.5, lo, hi)
     c = pixels.to(F64) / 127.5 - 1
     nll = 2 * math.log(2 * math.pi * v) + (c.square() + 1 / (12 * 127.5**2)).flatten(1).sum(1) / (2 * v)
@@ -163,7 +165,7 @@ def test_clipped_prior_and_bad_options_are_refused():
     with pytest.raises(ValueError, match="dequant"):
         likelihood.image_bpd(net, pixels, [torch.Generator()], dequant=0)
     with pytest.raises(ValueError, match="probe kind"):
-        likelihood.draw_probes([1, 4], "sphere")
+        divergence.draw_probes([1, 4], "sphere")
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +175,13 @@ def files(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cli_writes_json_and_two_ranks_equal_one(files, tmp_path):
-    """The CLI in one process and `python -m training.likelihood` under torchrun with 2 ranks: the same per-image bpd."""
+    """The CLI in one process and `python -m training.cli.likelihood` under torchrun with 2 ranks: the same per-image bpd."""
     net, data = files
     args = [f"--network={net}", f"--data={data}", "--batch=2", "--workers=0", "--per_image", "--rtol=1e-3", "--atol=1e-3"]
-    result = CliRunner().invoke(likelihood.main, [*args, f"--out={tmp_path / 'one.json'}"])
+    result = CliRunner().invoke(likelihood_cli.main, [*args, f"--out={tmp_path / 'one.json'}"])
     assert result.exit_code == 0, result.output
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "training.likelihood"]
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "training.cli.likelihood"]
     done = subprocess.run([*launcher, *args, f"--out={tmp_path / 'two.json'}"], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -190,7 +192,7 @@ def test_cli_writes_json_and_two_ranks_equal_one(files, tmp_path):
 
 
 def test_cli_errors_are_click_errors(files, tmp_path):
-    from training.likelihood import main
+    from training.cli.likelihood import main
 
     net, data = files
     result = CliRunner().invoke(main, [f"--network={net}", f"--data={tmp_path / 'missing.zip'}"])

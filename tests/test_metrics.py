@@ -8,6 +8,9 @@ import scipy.linalg
 import torch
 
 from training import metrics
+from training.metrics.fid import fid_from_stats
+from training.metrics.inception_score import inception_score
+from training.metrics.kid import kid_from_features
 
 
 def _random_spd(n: int, seed: int) -> np.ndarray:
@@ -17,7 +20,7 @@ def _random_spd(n: int, seed: int) -> np.ndarray:
 
 def test_fid_one_dimension_closed_form():
     """For 1-D Gaussians the Fréchet distance is (m1 - m2)^2 + (s1 - s2)^2."""
-    fid = metrics.fid_from_stats([1.5], [[4.0]], [-0.5], [[0.25]])
+    fid = fid_from_stats([1.5], [[4.0]], [-0.5], [[0.25]])
     assert fid == pytest.approx((1.5 + 0.5) ** 2 + (2.0 - 0.5) ** 2, rel=1e-12)
 
 
@@ -27,7 +30,7 @@ def test_fid_diagonal_covariances_closed_form():
     a, b = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert metrics.fid_from_stats(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert fid_from_stats(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_fid_general_covariances_match_matrix_square_root():
@@ -35,14 +38,14 @@ def test_fid_general_covariances_match_matrix_square_root():
     s1, s2 = _random_spd(24, 1), _random_spd(24, 2)
     mu1, mu2 = np.zeros(24), np.full(24, 0.1)
     expected = 24 * 0.01 + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
-    fid = metrics.fid_from_stats(mu1, s1, mu2, s2)
+    fid = fid_from_stats(mu1, s1, mu2, s2)
     assert fid == pytest.approx(expected, rel=1e-9)
-    assert metrics.fid_from_stats(mu2, s2, mu1, s1) == pytest.approx(fid, rel=1e-10)  # symmetric
+    assert fid_from_stats(mu2, s2, mu1, s1) == pytest.approx(fid, rel=1e-10)  # symmetric
 
 
 def test_fid_of_a_set_with_itself_is_zero():
     s = _random_spd(64, 3)
-    assert abs(metrics.fid_from_stats(np.ones(64), s, np.ones(64), s)) < 1e-9
+    assert abs(fid_from_stats(np.ones(64), s, np.ones(64), s)) < 1e-9
 
 
 def test_fid_is_real_for_slightly_indefinite_covariances():
@@ -50,13 +53,13 @@ def test_fid_is_real_for_slightly_indefinite_covariances():
     features = np.random.default_rng(4).normal(size=[10, 32])  # 10 samples in 32 dimensions: rank 9
     s = np.cov(features, rowvar=False)
     assert np.linalg.eigvalsh(s).min() < 0
-    fid = metrics.fid_from_stats(np.zeros(32), s, np.zeros(32), s + 1e-3 * np.eye(32))
+    fid = fid_from_stats(np.zeros(32), s, np.zeros(32), s + 1e-3 * np.eye(32))
     assert isinstance(fid, float) and math.isfinite(fid) and fid > 0
 
 
 def test_fid_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match="same detector"):
-        metrics.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        fid_from_stats(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 def test_feature_stats_equal_numpy_mean_and_covariance():
@@ -75,28 +78,28 @@ def test_kid_closed_form_for_point_masses():
     a, b = torch.full([50, 4], 0.5), torch.full([60, 4], -1.0)
     k = lambda x, y: (x * y * 4 / 4 + 1) ** 3  # noqa: E731  (x.y / F + 1)^3 with equal coordinates
     expected = k(0.5, 0.5) + k(-1.0, -1.0) - 2 * k(0.5, -1.0)
-    kid = metrics.kid_from_features(a, b, num_subsets=5, generator=torch.Generator().manual_seed(0))
+    kid = kid_from_features(a, b, num_subsets=5, generator=torch.Generator().manual_seed(0))
     assert kid == pytest.approx(expected, rel=1e-12)
 
 
 def test_kid_is_unbiased_for_equal_distributions_and_positive_otherwise():
     g = torch.Generator().manual_seed(6)
     x, y, z = torch.randn([2000, 16], generator=g), torch.randn([2000, 16], generator=g), torch.randn([2000, 16], generator=g) + 0.5
-    same = [metrics.kid_from_features(x, y, num_subsets=10, max_subset_size=200, generator=g) for _ in range(10)]
+    same = [kid_from_features(x, y, num_subsets=10, max_subset_size=200, generator=g) for _ in range(10)]
     assert abs(np.mean(same)) < 3 * np.std(same) / math.sqrt(len(same)) + 1e-4
-    assert metrics.kid_from_features(x, z, num_subsets=10, max_subset_size=200, generator=g) > 10 * np.std(same)
+    assert kid_from_features(x, z, num_subsets=10, max_subset_size=200, generator=g) > 10 * np.std(same)
 
 
 @pytest.mark.parametrize("classes", [1, 10])
 def test_inception_score_of_confident_balanced_predictions_is_the_class_count(classes):
     """One-hot predictions spread evenly over C classes in every split give IS = C (std 0)."""
     probs = torch.eye(10)[torch.arange(1000) % classes]
-    mean, std = metrics.inception_score(probs, splits=10)
+    mean, std = inception_score(probs, splits=10)
     assert mean == pytest.approx(classes, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
 
 
 def test_inception_score_of_uncertain_predictions_is_one():
-    assert metrics.inception_score(torch.full([100, 7], 1 / 7))[0] == pytest.approx(1.0, rel=1e-12)
+    assert inception_score(torch.full([100, 7], 1 / 7))[0] == pytest.approx(1.0, rel=1e-12)
 
 
 def test_reference_round_trip_and_edm_compatibility(tmp_path):
@@ -149,7 +152,7 @@ def test_compute_stats_equals_direct_computation():
     images = torch.randint(0, 256, [20, 3, 4, 4], dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
     det = _LinearDetector(3 * 16)
     batches = [(list(range(s, s + 7))[: 20 - s], images[s : s + 7]) for s in range(0, 20, 7)]
-    stats = metrics.compute_stats(batches, det, 20, "cpu", ["fid", "kid", "is"])
+    stats = metrics.statistics(batches, det, 20, "cpu", ["fid", "kid", "is"])
     rgb = images
     direct = det.features(rgb)
     torch.testing.assert_close(stats.features, direct, rtol=1e-6, atol=1e-3)  # batches of 7 vs 20: rounding

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import preconditioning
+from training import preconditioners
 from training.networks import ARCH_PRESETS, NETWORKS, DhariwalUNet, SongUNet, build_network, network_kwargs
 from training.networks.layers import Conv2d, GroupNorm, self_attention, weight_init
 
@@ -418,7 +418,7 @@ def test_cuda_fp16_mode_runs_in_float16_without_host_syncs(name):
 
 def test_inside_the_edm_preconditioner():
     inner = tiny("ddpmpp")
-    net = preconditioning.EDMPrecond(inner, img_resolution=16, img_channels=3, label_dim=LABEL_DIM, D=128.0).eval()
+    net = preconditioners.EDMPrecond(inner, img_resolution=16, img_channels=3, label_dim=LABEL_DIM, D=128.0).eval()
     x, _, labels, _ = inputs()
     with torch.no_grad():
         assert net(x, torch.tensor([0.5, 20.0]), labels).shape == x.shape

@@ -8,7 +8,8 @@ import torch
 
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from torch_utils import rng
-from training import ode, sampling
+from training import ode, samplers
+from training.samplers import rk45
 
 # dy/dt = lambda * y per component: y(t) = y0 exp(lambda t). Rates from decay to growth, per sample; moderate,
 # so that the problem is well conditioned in both directions.
@@ -85,7 +86,7 @@ def test_bad_arguments_raise_value_error(kwargs, word):
 
 
 # ----------------------------------------------------------------------------------------------
-# The probability-flow ODE with RK45 (sampling.sample_rk45).
+# The probability-flow ODE with RK45 (the rk45 solver).
 
 
 def _toy_data(seed: int = 1) -> torch.Tensor:
@@ -101,10 +102,10 @@ def test_rk45_reproduces_finite_data_set(D):
     data = _toy_data()
     net = AnalyticDenoiser(data, D)
     options = dict(sigma_min=1e-5 if D == 1 else 0.002, sigma_max=80)  # D = 1: see test_sampling.py
-    latents = sampling.prior_latents(net, rng.seeded_generators(range(2000)), **options)
+    latents = samplers.prior_latents(net, rng.seeded_generators(range(2000)), solver="rk45", **options)
     evaluations = []
     for tol in (1e-2, 1e-4):
-        x, nfe = sampling.sample_rk45(net, latents, rtol=tol, atol=tol, **options)
+        x, nfe = rk45.sample(net, latents, rtol=tol, atol=tol, **options)
         dist = torch.cdist(x.reshape(len(x), -1).double(), data.reshape(16, -1).double())
         nearest, index = dist.min(dim=1)
         assert nearest.max() < 1e-3
@@ -118,10 +119,10 @@ def test_rk45_matches_the_exact_ode_solution_on_gaussian_data():
     """N(0, s^2 I) data: x(sigma_min) = x(sigma_max) sqrt(sigma_min^2 + s^2) / sqrt(sigma_max^2 + s^2)."""
     net = GaussianDenoiser(s=0.5, channels=3, resolution=4)
     latents = torch.randn([8, 3, 4, 4], generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
-    x, nfe = sampling.sample_rk45(net, latents, sigma_min=0.002, sigma_max=80, rtol=1e-7, atol=1e-7, denoise=False)
+    x, nfe = rk45.sample(net, latents, sigma_min=0.002, sigma_max=80, rtol=1e-7, atol=1e-7, denoise=False)
     expected = latents * math.sqrt(0.002**2 + 0.25) / math.sqrt(80**2 + 0.25)
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-6)
-    denoised, nfe_denoised = sampling.sample_rk45(net, latents, sigma_min=0.002, sigma_max=80, rtol=1e-7, atol=1e-7)
+    denoised, nfe_denoised = rk45.sample(net, latents, sigma_min=0.002, sigma_max=80, rtol=1e-7, atol=1e-7)
     assert nfe_denoised == nfe  # the final denoising step reuses the last RK45 stage
     torch.testing.assert_close(denoised, expected * 0.25 / (0.25 + 0.002**2), rtol=1e-5, atol=1e-6)
 
@@ -129,6 +130,6 @@ def test_rk45_matches_the_exact_ode_solution_on_gaussian_data():
 def test_rk45_counts_network_evaluations():
     """The reported count is the number of network calls."""
     net = AnalyticDenoiser(_toy_data(), 8)
-    latents = sampling.prior_latents(net, rng.seeded_generators(range(4)))
-    _, nfe = sampling.sample_rk45(net, latents, rtol=1e-3, atol=1e-3)
+    latents = samplers.prior_latents(net, rng.seeded_generators(range(4)), solver="rk45")
+    _, nfe = rk45.sample(net, latents, rtol=1e-3, atol=1e-3)
     assert nfe == net.calls > 0

@@ -15,7 +15,9 @@ from click.testing import CliRunner
 from tests.oracles import PoissonFieldModel
 from tests.test_training import make_dataset, run_train
 from torch_utils import distributed, rng
-from training import checkpoint, config, pfgm, pfgmpp, preconditioning, sampling
+from training import checkpoint, config, pfgmpp, preconditioners, samplers
+from training.cli import pfgm_hparams
+from training.preconditioners import pfgm
 
 
 def _points(count: int, shape=(2, 2, 2), scale: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -115,19 +117,19 @@ def test_hparams_reproduce_cifar10():
 
 
 def test_hparams_cli(tmp_path):
-    result = CliRunner().invoke(pfgm.main, ["--data_norm=32", "--resolution=32", "--channels=3"])
+    result = CliRunner().invoke(pfgm_hparams.main, ["--data_norm=32", "--resolution=32", "--channels=3"])
     assert result.exit_code == 0 and "M          = 291" in result.output, result.output
     data = make_dataset(tmp_path / "d.zip", count=8, labels=False)
-    result = CliRunner().invoke(pfgm.main, [f"--data={data}", "--json"])
+    result = CliRunner().invoke(pfgm_hparams.main, [f"--data={data}", "--json"])
     report = json.loads(result.output)
     assert report["N"] == 192 and report["M"] == pfgm.derive_hparams(report["data_norm"], 192)["M"]
-    missing = CliRunner().invoke(pfgm.main, [])
+    missing = CliRunner().invoke(pfgm_hparams.main, [])
     assert missing.exit_code == 1 and "--data_norm" in missing.output and "Traceback" not in missing.output
 
 
-def _pfgm_net(data: torch.Tensor, **kwargs) -> preconditioning.PFGMPrecond:
+def _pfgm_net(data: torch.Tensor, **kwargs) -> preconditioners.PFGMPrecond:
     kwargs = {"z_exp": 0.0, "sigma_min": 1e-4, "sigma_max": 200.0, "upper_norm": 1e9, **kwargs}
-    return preconditioning.PFGMPrecond(PoissonFieldModel(data), img_resolution=data.shape[-1],
+    return preconditioners.PFGMPrecond(PoissonFieldModel(data), img_resolution=data.shape[-1],
                                        img_channels=data.shape[1], **kwargs)
 
 
@@ -150,15 +152,16 @@ def test_z_substitution_is_exact_when_z_is_small():
     torch.testing.assert_close(net.z_component(v_x.float(), torch.zeros(4), z), v_z.float(), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("solver, steps", [("rk45", None), ("improved_euler", 100)])
+@pytest.mark.parametrize("solver, steps", [("pfgm_rk45", None), ("pfgm_improved_euler", 100)])
 def test_sampler_with_exact_field_reproduces_finite_data_set(solver, steps):
     """The backward ODE in ln z maps the (clip-free) prior onto the 16 points, each with mass 1/16."""
     data = _points(16, shape=(3, 2, 2), scale=0.5, seed=1).float()
     data -= data.mean(dim=0)
     net = _pfgm_net(data)
-    latents = pfgm.prior_latents(net, rng.seeded_generators(range(2000)))
-    x, nfe = pfgm.sample(net, latents, solver=solver, num_steps=steps or 100, denoise=True)
-    assert nfe == net.model.calls and (solver == "rk45" or nfe == 2 * steps + 1)
+    latents = samplers.prior_latents(net, rng.seeded_generators(range(2000)), solver=solver)
+    info = samplers.SampleInfo()
+    x = samplers.sample(net, latents, solver=solver, num_steps=steps, denoise=True, info=info)
+    assert info.nfe == net.model.calls and (steps is None or info.nfe == 2 * steps + 1)
     dist = torch.cdist(x.reshape(len(x), -1).double(), data.reshape(16, -1).double())
     nearest, index = dist.min(dim=1)
     assert nearest.max() < 1e-3
@@ -168,8 +171,9 @@ def test_sampler_with_exact_field_reproduces_finite_data_set(solver, steps):
 def test_prior_norm_is_clipped_by_upper_norm():
     """The prior (the D = 1 kernel at z_max) keeps its direction; norms above upper_norm are cut to it."""
     data = _points(4, shape=(3, 2, 2)).float()
-    free = sampling.prior_latents(_pfgm_net(data, sigma_max=40.0), rng.seeded_generators(range(500)))
-    clipped = sampling.prior_latents(_pfgm_net(data, sigma_max=40.0, upper_norm=300.0), rng.seeded_generators(range(500)))
+    free = samplers.prior_latents(_pfgm_net(data, sigma_max=40.0), rng.seeded_generators(range(500)), solver="pfgm_rk45")
+    clipped = samplers.prior_latents(_pfgm_net(data, sigma_max=40.0, upper_norm=300.0), rng.seeded_generators(range(500)),
+                                     solver="pfgm_rk45")
     norms = free.flatten(1).norm(dim=1)
     assert (norms > 300).any() and (norms < 300).any()
     torch.testing.assert_close(clipped.flatten(1).norm(dim=1), norms.clamp(max=300.0))
@@ -212,17 +216,26 @@ def test_all_gather_concatenates_ranks_in_order(tmp_path):
     assert [w.exitcode for w in workers] == [0, 0]
 
 
-def test_config_checks_pfgm_options():
+class _CifarShape:
+    """What `config.complete` reads of a dataset of 32x32 RGB images (their norm is patched in)."""
+
+    num_channels, resolution = 3, 32
+
+
+def test_config_checks_pfgm_options(monkeypatch):
+    monkeypatch.setattr(pfgm, "average_norm", lambda dataset: 32.0)
     c = config.training_config(data="x", precond="pfgm", augment=0)
     assert c.loss_kwargs["M"] is None and c.precond_kwargs["sigma_max"] is None and c.D == 1
-    config.complete_pfgm(c, 3072, lambda: 32.0)
+    config.complete(c, _CifarShape())
     assert c.loss_kwargs["M"] == 291 and c.precond_kwargs["upper_norm"] == pytest.approx(3015.9, abs=0.1)
     for options, word in ((dict(precond="pfgm", cond=True), "--cond"), (dict(gamma=5.0), "--gamma"),
                           (dict(precond="pfgm", pfgmpp_on=True, aug_dim=1), "--pfgmpp"),
-                          (dict(precond="pfgm", rbatch=4097, world_size=2, batch=8), "--rbatch"),
                           (dict(precond="pfgm", z_min=50.0, z_max=40.0), "--z_min")):
         with pytest.raises(ValueError, match=word):
             config.training_config(data="x", **options)
+    c = config.training_config(data="x", precond="pfgm", rbatch=4097, world_size=2, batch=8)
+    with pytest.raises(ValueError, match="--rbatch"):  # the reference batch is the loss's, known once it is built
+        config.complete(c, _CifarShape(), world_size=2)
 
 
 @pytest.mark.slow
@@ -236,10 +249,11 @@ def test_short_training_run_lowers_the_loss_and_samples(tmp_path):
     assert len(ticks) == 5 and np.mean(ticks[-2:]) < 0.7 * ticks[0], ticks
     options = json.loads((tmp_path / "run" / "training_options.json").read_text())
     net = checkpoint.load_network(next((tmp_path / "run").glob("network-snapshot-*.pt")))
-    assert isinstance(net, preconditioning.PFGMPrecond) and net.D == 1
+    assert isinstance(net, preconditioners.PFGMPrecond) and net.D == 1
     assert net.upper_norm == pytest.approx(options["precond_kwargs"]["upper_norm"]) and net.sigma_max > 1
-    latents = pfgm.prior_latents(net, rng.seeded_generators(range(4)))
-    for solver in pfgm.SOLVERS:
-        x, nfe = pfgm.sample(net, latents, solver=solver, num_steps=10)
-        assert torch.isfinite(x).all() and nfe > 0
+    for solver, options in (("pfgm_rk45", {}), ("pfgm_euler", dict(num_steps=10)), ("pfgm_improved_euler", dict(num_steps=10))):
+        latents = samplers.prior_latents(net, rng.seeded_generators(range(4)), solver=solver)
+        info = samplers.SampleInfo()
+        x = samplers.sample(net, latents, solver=solver, info=info, **options)
+        assert torch.isfinite(x).all() and info.nfe > 0
     assert os.path.exists(tmp_path / "run" / "samples-000001.png")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import preconditioning as pc
+from training import preconditioners as pc
 from training import schedules
 
 

@@ -8,7 +8,9 @@ import torch
 
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from torch_utils import rng
-from training import sampling, schedules
+from training import samplers, schedules
+from training.samplers.edm import SCALINGS, SCHEDULES
+from training.samplers.levels import DISCRETIZATIONS, noise_levels
 
 
 def _toy_data(seed: int = 1) -> torch.Tensor:
@@ -27,8 +29,8 @@ def test_analytic_denoiser_reproduces_finite_data_set(D):
     data = _toy_data()
     net = AnalyticDenoiser(data, D)
     options = dict(num_steps=40, sigma_min=1e-5, sigma_max=80)
-    latents = sampling.prior_latents(net, rng.seeded_generators(range(3000)), **options)
-    x = sampling.sample(net, latents, **options)
+    latents = samplers.prior_latents(net, rng.seeded_generators(range(3000)), **options)
+    x = samplers.sample(net, latents, **options)
     dist = torch.cdist(x.reshape(len(x), -1).double(), data.reshape(16, -1).double())
     nearest, index = dist.min(dim=1)
     assert nearest.max() < 1e-3
@@ -48,15 +50,15 @@ def test_convergence_order_on_gaussian_data(solver, order):
     latents = torch.randn([8, 3, 4, 4], generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
     errors = []
     for n in (16, 32, 64):
-        out = sampling.sample(net, latents, num_steps=n, sigma_min=1e-7, sigma_max=80, solver=solver)
+        out = samplers.sample(net, latents, num_steps=n, sigma_min=1e-7, sigma_max=80, solver=solver)
         errors.append((out - _gaussian_final(net, latents, 80.0)).abs().max().item())
     ratios = [errors[0] / errors[1], errors[1] / errors[2]]
     assert all(2**order * 0.7 < r < 2**order * 1.4 for r in ratios), (errors, ratios)
 
 
-@pytest.mark.parametrize("discretization", sampling.DISCRETIZATIONS)
-@pytest.mark.parametrize("schedule", sampling.SCHEDULES)
-@pytest.mark.parametrize("scaling", sampling.SCALINGS)
+@pytest.mark.parametrize("discretization", DISCRETIZATIONS)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("scaling", SCALINGS)
 def test_every_ablation_solves_the_same_ode(discretization, schedule, scaling):
     """EDM Table 1: each discretisation, schedule and scaling integrates the same probability-flow ODE,
     converging to its exact solution at second order (Heun).
@@ -68,12 +70,12 @@ def test_every_ablation_solves_the_same_ode(discretization, schedule, scaling):
     errors = []
     for num_steps in (100, 200):
         options = dict(num_steps=num_steps, sigma_min=0.002, sigma_max=80, discretization=discretization)
-        levels = sampling.noise_levels(net, **options)
-        sigma_0, sigma_last = float(levels[0]), float(levels[-1])
+        steps = noise_levels(net, **options)
+        sigma_0, sigma_last = float(steps[0]), float(steps[-1])
         latents = torch.randn([16, 1, 2, 2], generator=torch.Generator().manual_seed(3), dtype=torch.float64) * sigma_0
         states = {}
         record = lambda i, a, b, x, d: states.update({i: x})  # noqa: E731
-        sampling.sample(net, latents, schedule=schedule, scaling=scaling, callback=record, **options)
+        samplers.sample(net, latents, schedule=schedule, scaling=scaling, callback=record, **options)
         expected = latents * math.sqrt(sigma_last**2 + net.s**2) / math.sqrt(sigma_0**2 + net.s**2)
         errors.append(((states[num_steps - 2] - expected).abs().max() / expected.abs().max()).item())
     assert errors[1] < 0.1 and 3.0 < errors[0] / errors[1] < 5.5, errors
@@ -86,9 +88,9 @@ def test_images_do_not_depend_on_batch():
     options = dict(num_steps=12, S_churn=20, S_min=0.01, S_max=50)
 
     def run(batch_seeds):
-        latents = sampling.prior_latents(net, rng.seeded_generators(batch_seeds))
-        churn = rng.randn_like_fn(rng.seeded_generators([s + 10**6 for s in batch_seeds]))
-        return sampling.sample(net, latents, randn_like=churn, **options)
+        latents = samplers.prior_latents(net, rng.seeded_generators(batch_seeds))
+        churn = rng.seeded_generators([s + 10**6 for s in batch_seeds])
+        return samplers.sample(net, latents, generator=churn, **options)
 
     together = run(seeds)
     alone = torch.cat([run([s]) for s in seeds])
@@ -98,26 +100,24 @@ def test_images_do_not_depend_on_batch():
 def test_one_step_heun_equals_euler():
     """Heun skips its correction on the last step, so a one-step sampler is Euler; two steps differ."""
     net = AnalyticDenoiser(_toy_data(), D=4)
-    latents = sampling.prior_latents(net, rng.seeded_generators(range(5)))
-    one = [sampling.sample(net, latents, num_steps=1, solver=s) for s in ("heun", "euler")]
-    two = [sampling.sample(net, latents, num_steps=2, solver=s) for s in ("heun", "euler")]
+    latents = samplers.prior_latents(net, rng.seeded_generators(range(5)))
+    one = [samplers.sample(net, latents, num_steps=1, solver=s) for s in ("heun", "euler")]
+    two = [samplers.sample(net, latents, num_steps=2, solver=s) for s in ("heun", "euler")]
     assert torch.equal(one[0], one[1])
     assert not torch.allclose(two[0], two[1])
 
 
 def test_no_churn_is_deterministic_and_draws_nothing():
-    """S_churn = 0 never calls randn_like; churn > 0 uses it and depends on it."""
-
-    def forbidden(x):
-        raise AssertionError("randn_like called without churn")
-
+    """S_churn = 0 draws nothing from the generator; churn > 0 draws from it and depends on it."""
     net = AnalyticDenoiser(_toy_data(), D=16)
-    latents = sampling.prior_latents(net, rng.seeded_generators(range(4)), num_steps=8)
-    a = sampling.sample(net, latents, num_steps=8, randn_like=forbidden)
-    b = sampling.sample(net, latents, num_steps=8, randn_like=forbidden)
-    assert torch.equal(a, b)
+    latents = samplers.prior_latents(net, rng.seeded_generators(range(4)), num_steps=8)
+    g = torch.Generator().manual_seed(7)
+    state = g.get_state()
+    a = samplers.sample(net, latents, num_steps=8, generator=g)
+    b = samplers.sample(net, latents, num_steps=8, generator=g)
+    assert torch.equal(a, b) and torch.equal(g.get_state(), state)
     churned = [
-        sampling.sample(net, latents, num_steps=8, S_churn=40, randn_like=rng.randn_like_fn(torch.Generator().manual_seed(s)))
+        samplers.sample(net, latents, num_steps=8, S_churn=40, generator=torch.Generator().manual_seed(s))
         for s in (0, 0, 1)
     ]
     assert torch.equal(churned[0], churned[1]) and not torch.equal(churned[0], churned[2])
@@ -127,7 +127,7 @@ def test_callback_sees_every_step():
     """The callback gets each step in order with decreasing sigma, ending at 0."""
     net = GaussianDenoiser(0.5)
     seen = []
-    sampling.sample(net, torch.randn([2, 1, 2, 2]) * 80, num_steps=5, callback=lambda i, s0, s1, x, d: seen.append((i, s0, s1)))
+    samplers.sample(net, torch.randn([2, 1, 2, 2]) * 80, num_steps=5, callback=lambda i, s0, s1, x, d: seen.append((i, s0, s1)))
     assert [i for i, _, _ in seen] == list(range(5))
     assert seen[0][1] == pytest.approx(80) and seen[-1][2] == 0
     assert all(a[1] > b[1] for a, b in zip(seen, seen[1:]))
@@ -136,15 +136,15 @@ def test_callback_sees_every_step():
 def test_noise_levels_follow_each_discretisation():
     """Endpoints and shapes of the EDM (eq. 5), VP, VE and iDDPM step sequences."""
     net = GaussianDenoiser(0.5)
-    edm = sampling.noise_levels(net, num_steps=18)
+    edm = noise_levels(net, num_steps=18)
     assert edm[0] == pytest.approx(80) and edm[-1] == pytest.approx(0.002) and torch.all(edm[:-1] > edm[1:])
     i = torch.arange(18, dtype=torch.float64)
     torch.testing.assert_close(edm, (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7)
     for disc in ("vp", "ve"):
-        levels = sampling.noise_levels(net, num_steps=10, sigma_min=0.01, sigma_max=50, discretization=disc)
+        levels = noise_levels(net, num_steps=10, sigma_min=0.01, sigma_max=50, discretization=disc)
         assert levels[0] == pytest.approx(50) and levels[-1] == pytest.approx(0.01)
     grid = schedules.iddpm_sigmas()
-    levels = sampling.noise_levels(net, num_steps=10, discretization="iddpm")
+    levels = noise_levels(net, num_steps=10, discretization="iddpm")
     assert all(torch.isclose(grid, v).any() for v in levels) and torch.all(levels[:-1] > levels[1:])
 
 
@@ -152,7 +152,7 @@ def test_sigma_range_is_clamped_to_the_network():
     """A network trained on [0.02, 100] is never asked below 0.02."""
     net = GaussianDenoiser(0.5)
     net.sigma_min, net.sigma_max = 0.02, 50.0
-    levels = sampling.noise_levels(net, num_steps=6)
+    levels = noise_levels(net, num_steps=6)
     assert levels[0] == pytest.approx(50) and levels[-1] == pytest.approx(0.02)
 
 
@@ -173,7 +173,7 @@ def test_sigma_range_is_clamped_to_the_network():
 def test_bad_options_raise_value_error(options, word):
     net = GaussianDenoiser(0.5)
     with pytest.raises(ValueError, match=word):
-        sampling.sample(net, torch.zeros([1, 1, 2, 2]), **options)
+        samplers.sample(net, torch.zeros([1, 1, 2, 2]), **options)
 
 
 @pytest.mark.gpu
@@ -182,9 +182,9 @@ def test_sampler_makes_no_host_sync_on_gpu():
     """The sampling loop runs without a host-device synchronisation."""
     net = GaussianDenoiser(0.5, channels=3, resolution=8)
     latents = torch.randn([4, 3, 8, 8], device="cuda") * 80
-    sampling.sample(net, latents, num_steps=4)  # warm-up
+    samplers.sample(net, latents, num_steps=4)  # warm-up
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sampling.sample(net, latents, num_steps=6, S_churn=10)
+        samplers.sample(net, latents, num_steps=6, S_churn=10)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -8,7 +8,8 @@ import torch
 
 from dnnlib.util import EasyDict
 from training import stats as stats_lib
-from training.training_loop import GlobalBatchSampler, ema_beta, learning_rate, mixed_seed
+from torch_utils.rng import mixed_seed
+from training.training_loop import GlobalBatchSampler, ema_beta, learning_rate
 
 
 def _take(sampler, rounds):

@@ -264,3 +264,13 @@ def main_first(fn: Callable[[], object]):
     if message is not None:
         raise ValueError(f"rank 0 failed: {message}")
     return result if is_main() else fn()
+
+
+def rank_batches(count: int, batch_size: int, rank: int | None = None, world: int | None = None) -> list[range]:
+    """Positions 0..count-1 in batches of `batch_size`; this rank's batches, taken round robin (no collective)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
+    starts = range(0, count, batch_size)
+    return [range(s, min(s + batch_size, count)) for s in starts][rank::world]

@@ -11,9 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Union
 
+import numpy as np
 import torch
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def mixed_seed(*values: int) -> int:
+    """A 63-bit seed mixed from integers (numpy's SeedSequence): distinct tuples give unrelated streams."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def seeded_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:

@@ -11,7 +11,7 @@ resolution, channels, label_dim and the provenance for readers. `load_network` a
 `network-snapshot-*.pkl` and `training-state-*.pt` and the PFGM++ reference's files through the
 allow-listed unpickler of `training.legacy`.
 
-    python -m training.checkpoint SRC DEST     # convert any supported file to a snapshot
+    pfgmpp-convert SRC DEST     # convert any supported file to a snapshot (training/cli/convert.py)
 """
 
 from __future__ import annotations
@@ -23,16 +23,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 
 from dnnlib import util
-from training import legacy, networks, preconditioning
+from training import legacy, networks, preconditioners
 
 FORMAT, VERSION = "pfgmpp-network", 1
-
-PRECONDS = {cls.__name__: cls for cls in preconditioning.PRECONDITIONERS.values()}
-_KIND = {cls.__name__: kind for kind, cls in preconditioning.PRECONDITIONERS.items()}
 
 
 def _to_json(value: Any) -> Any:
@@ -63,8 +59,9 @@ def _from_json(value: Any) -> Any:
 def network_config(net: torch.nn.Module, provenance: dict | None = None) -> dict:
     """The JSON-able description of a preconditioned network, enough to rebuild it."""
     precond_name, model = type(net).__name__, getattr(net, "model", None)
-    if precond_name not in PRECONDS or not hasattr(net, "init_kwargs"):
-        raise ValueError(f"{precond_name} is not a preconditioner this format can save ({', '.join(PRECONDS)})")
+    known = [cls.__name__ for cls in preconditioners.PRECONDITIONERS.values()]
+    if precond_name not in known or not hasattr(net, "init_kwargs"):
+        raise ValueError(f"{precond_name} is not a preconditioner this format can save ({', '.join(known)})")
     model_name = type(model).__name__
     if model_name not in networks.NETWORKS or not hasattr(model, "init_kwargs"):
         raise ValueError(f"{model_name} is not a network this format can save ({', '.join(networks.NETWORKS)})")
@@ -76,7 +73,7 @@ def network_config(net: torch.nn.Module, provenance: dict | None = None) -> dict
         "model": {"class_name": model_name, "kwargs": model.init_kwargs},
         "D": net.D,
         "sigma_data": net.sigma_data,
-        "precond_kind": _KIND[precond_name],
+        "precond_kind": preconditioners.kind_of(type(net)),
         "resolution": net.img_resolution,
         "channels": net.img_channels,
         "label_dim": net.label_dim,
@@ -92,13 +89,12 @@ def build_network(config: dict) -> torch.nn.Module:
         precond_cls, model_cls = precond["class_name"], model["class_name"]
     except (KeyError, TypeError):
         raise ValueError("the network config lacks its 'precond' or 'model' class description") from None
-    if precond_cls not in PRECONDS:
-        raise ValueError(f"unknown preconditioner class {precond_cls!r}; known: {', '.join(PRECONDS)}")
+    precond_class = preconditioners.by_class_name(precond_cls)
     if model_cls not in networks.NETWORKS:
         raise ValueError(f"unknown network class {model_cls!r}; known: {', '.join(networks.NETWORKS)}")
     try:
         inner = networks.NETWORKS[model_cls](**model["kwargs"])
-        return PRECONDS[precond_cls](inner, **precond["kwargs"])
+        return precond_class(inner, **precond["kwargs"])
     except TypeError as error:
         raise ValueError(f"the network config does not fit {model_cls} / {precond_cls}: {error}") from None
 
@@ -160,6 +156,9 @@ def read_checkpoint(path_or_url, entry: str | None = None) -> tuple[dict, dict]:
         found = ", ".join(k for k, v in data.items() if isinstance(v, legacy.PersistentRecord)) or "none"
         raise ValueError(f"{path}: has no network under {entry!r} (networks found: {found})")
     precond, model, state_dict = legacy.network_parts(data[entry])
+    channels = model["kwargs"].get("in_channels")
+    if channels is not None:
+        model["kwargs"]["out_channels"] = preconditioners.by_class_name(precond["class_name"]).out_channels(channels)
     provenance = {"imported_from": path.name, "entry": entry}
     if isinstance(data.get("dataset_kwargs"), dict):
         provenance["dataset_kwargs"] = _to_json_lenient(data["dataset_kwargs"])
@@ -185,22 +184,3 @@ def load_network(path_or_url, device="cpu", entry: str | None = None) -> torch.n
     _load_strict(net, state_dict, str(path_or_url))
     net.provenance = config.get("provenance", {})
     return net.eval().requires_grad_(False).to(device)
-
-
-@click.command()
-@click.argument("source")
-@click.argument("dest", type=click.Path(dir_okay=False))
-@click.option("--entry", type=click.Choice(["ema", "net"]), default=None, help="Network of a training state [default: ema if present].")
-def main(source: str, dest: str, entry: str | None) -> None:
-    """Convert SOURCE (a snapshot, EDM or PFGM++ .pkl/.pt, path or URL) to a safe snapshot DEST."""
-    try:
-        net = load_network(source, entry=entry)
-        save_network(dest, net, provenance=net.provenance)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"wrote {dest}: {type(net).__name__}({type(net.model).__name__}), D={net.D}, "
-               f"{sum(p.numel() for p in net.parameters()):,} parameters")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,20 +1,23 @@
-"""train.py's options -> the training configuration, as a pure function (no I/O, testable)."""
+"""train.py's options -> the training configuration, as pure functions (no I/O, testable).
+
+`training_config` checks the options and builds the configuration; `complete` adds what depends on the
+data once it is open. What an objective reads and how its options map to its preconditioner and loss, the
+preconditioner declares (training/preconditioners/base.py); nothing here names a preconditioner.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 from dnnlib.util import EasyDict
-from training import networks, pfgmpp
+from training import divergence, networks, pfgmpp, preconditioners
 from training.augment import AugmentPipe
+from training.preconditioners import fp_regularizer
 
-# The objective of each --precond: the preconditioner and its loss (EDM Table 1).
-PRECOND = {"edm": ("EDMPrecond", "EDMLoss"), "vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"),
-           "pfgm": ("PFGMPrecond", "PFGMLoss")}
-
-# --precond=pfgm: the paper's settings (PFGM, Xu et al. 2022, CIFAR-10). M, z_max and upper_norm left unset
-# are derived from the data by PFGM's helper (`complete_pfgm`).
-PFGM_DEFAULTS = dict(tau=0.03, gamma=5.0, sigma_end=0.01, z_min=1e-3, z_exp=5.0, restrict_M=True)
+# Options of one objective or another (`Precond.training_options`); the others are every run's.
+OBJECTIVE_OPTIONS = ("stf", "fp_reg", "P_mean", "P_std", "sigma_scale", "pfgm_M", "tau", "gamma", "sigma_end", "z_max",
+                     "z_min", "upper_norm", "z_exp", "restrict_M")
 
 
 def training_config(
@@ -81,49 +84,34 @@ def training_config(
     D = pfgmpp.check_D(aug_dim) if pfgmpp_on and aug_dim is not None else math.inf
     if pfgmpp_on and aug_dim is None:
         raise ValueError("--pfgmpp=1 needs --aug_dim=D (e.g. 128 or 2048; 'inf' is the diffusion limit)")
-    if precond not in PRECOND:
-        raise ValueError(f"--precond must be one of {', '.join(PRECOND)}, got {precond!r}")
+    if precond not in preconditioners.trainable():
+        raise ValueError(f"--precond must be one of {', '.join(preconditioners.trainable())}, got {precond!r}")
     batch_gpu = batch_gpu or batch // max(world_size, 1)
     if batch % (world_size * batch_gpu):
         raise ValueError(f"--batch={batch} is not divisible by {world_size} ranks x --batch-gpu={batch_gpu}")
     if stf and cond:
         raise ValueError("--stf averages over an unlabelled reference batch: it cannot be combined with --cond=1")
-    if stf and precond != "edm":
-        raise ValueError("--stf is defined for --precond=edm")
     if precision not in ("fp32", "tf32", "bf16", "fp16"):
         raise ValueError(f"--precision must be fp32, tf32, bf16 or fp16, got {precision!r}")
-    pfgm = dict(M=pfgm_M, tau=tau, gamma=gamma, sigma_end=sigma_end, z_max=z_max, z_min=z_min, upper_norm=upper_norm,
-                z_exp=z_exp, restrict_M=restrict_M)
-    if precond == "pfgm":
-        D = _check_pfgm(pfgm, pfgmpp_on, cond)
-    elif any(v is not None for v in pfgm.values()):
-        given = ", ".join(f"--{'pfgm_M' if k == 'M' else k}" for k, v in pfgm.items() if v is not None)
-        raise ValueError(f"{given} only apply to --precond=pfgm")
-    if (stf or precond == "pfgm") and rbatch % world_size:
-        raise ValueError(f"--rbatch={rbatch} must be divisible by the {world_size} ranks (each loads its share)")
+    objective = dict(stf=stf, fp_reg=fp_reg, P_mean=P_mean, P_std=P_std, sigma_scale=sigma_scale, pfgm_M=pfgm_M, tau=tau,
+                     gamma=gamma, sigma_end=sigma_end, z_max=z_max, z_min=z_min, upper_norm=upper_norm, z_exp=z_exp,
+                     restrict_M=restrict_M)
+    _check_objective_options(precond, objective)
+    cls = preconditioners.get(precond)
+    if fp_reg:
+        objective["fp_reg"] = fp_kwargs(fp_alpha, fp_beta, fp_order, fp_weighting, fp_probe, fp_probes, fp_step)
+    D, precond_kwargs, loss_kwargs = cls.training_kwargs(D=D, cond=bool(cond), pfgmpp_on=bool(pfgmpp_on), options=objective)
+    precond_kwargs["use_fp16"] = bool(fp16) or precision == "fp16"
     augment_kwargs = dict(p=augment) if augment > 0 else None
     augment_dim = AugmentPipe(**augment_kwargs).label_dim if augment_kwargs else 0
     net = networks.network_kwargs(arch, cbase=cbase, cres=cres, nblock=nblock, attn=attn, dropout=dropout,
                                   augment_dim=augment_dim)
-    precond_class, loss_class = PRECOND[precond]
-    loss_kwargs = dict(D=D, stf=stf)
-    precond_kwargs = dict(D=D, use_fp16=bool(fp16) or precision == "fp16")
-    if precond == "edm":
-        loss_kwargs.update(P_mean=P_mean, P_std=P_std, sigma_scale=sigma_scale)
-    if fp_reg:
-        loss_kwargs["fp"] = fp_kwargs(precond, fp_alpha, fp_beta, fp_order, fp_weighting, fp_probe, fp_probes, fp_step)
-    if precond == "pfgm":
-        pfgm = {k: PFGM_DEFAULTS[k] if v is None and k in PFGM_DEFAULTS else v for k, v in pfgm.items()}
-        loss_kwargs = {k: pfgm[k] for k in ("M", "tau", "sigma_end", "gamma", "restrict_M")}
-        precond_kwargs.update(sigma_min=pfgm["z_min"], sigma_max=pfgm["z_max"], upper_norm=pfgm["upper_norm"],
-                              gamma=pfgm["gamma"], z_exp=pfgm["z_exp"])
     return EasyDict(
         dataset_kwargs=dict(path=data, use_labels=bool(cond), xflip=bool(xflip), cache=bool(cache)),
         network_class=net.pop("class_name"),
         network_kwargs=net,
-        precond_class=precond_class,
+        precond=precond,
         precond_kwargs=precond_kwargs,
-        loss_class=loss_class,
         loss_kwargs=loss_kwargs,
         augment_kwargs=augment_kwargs,
         D=D, lr=lr, betas=[0.9, 0.999], eps=1e-8, lr_rampup_kimg=lr_rampup * 1000,
@@ -135,67 +123,54 @@ def training_config(
     )
 
 
-def fp_kwargs(precond: str, alpha: float, beta: float, order: float, weighting: str, probe: str, probes: int,
-              step: float) -> dict:
-    """The FP-Diffusion regulariser's options (training/fp_regularizer.py), checked; ValueError naming the flag."""
-    from training import fp_regularizer, likelihood
+def _check_objective_options(kind: str, objective: dict) -> None:
+    """ValueError naming the flags of objective options that were changed from their default but that the
+    chosen preconditioner does not read, and the preconditioners that do."""
+    defaults = {k: p.default for k, p in inspect.signature(training_config).parameters.items()}
+    cls = preconditioners.get(kind)
+    foreign = [k for k, v in objective.items() if v != defaults[k] and k not in cls.training_options]
+    if foreign:
+        readers = [kind for kind, c in preconditioners.PRECONDITIONERS.items() if set(foreign) <= set(c.training_options)]
+        where = f"--precond={', '.join(readers[:-1])} or {readers[-1]}" if len(readers) > 1 else \
+            f"--precond={readers[0]}" if readers else "different preconditioners"
+        flags = ", ".join(f"--{k}" for k in foreign)
+        raise ValueError(f"{flags} {'applies' if len(foreign) == 1 else 'apply'} only to {where}, not to --precond={kind}")
 
-    if precond not in ("edm", "vp", "ve"):
-        raise ValueError(f"--fp_reg=1 regularises a denoiser's score: use --precond=edm, vp or ve, not {precond}")
+
+def fp_kwargs(alpha: float, beta: float, order: float, weighting: str, probe: str, probes: int, step: float) -> dict:
+    """The FP-Diffusion regulariser's options (training/preconditioners/fp_regularizer.py), checked; ValueError naming the flag."""
     if not (alpha >= 0 and beta >= 0 and alpha + beta > 0):
         raise ValueError(f"--fp_alpha and --fp_beta must be >= 0 and not both 0 (or use --fp_reg=0), got {alpha}, {beta}")
     if not (order > 0 and step > 0 and probes >= 1):
         raise ValueError(f"--fp_order and --fp_step must be > 0 and --fp_probes >= 1, got {order}, {step}, {probes}")
-    if weighting not in fp_regularizer.WEIGHTINGS or probe not in likelihood.PROBE_KINDS:
+    if weighting not in fp_regularizer.WEIGHTINGS or probe not in divergence.PROBE_KINDS:
         raise ValueError(f"--fp_weighting must be one of {', '.join(fp_regularizer.WEIGHTINGS)} and --fp_probe one of "
-                         f"{', '.join(likelihood.PROBE_KINDS)}, got {weighting!r}, {probe!r}")
+                         f"{', '.join(divergence.PROBE_KINDS)}, got {weighting!r}, {probe!r}")
     return dict(alpha=float(alpha), beta=float(beta), m=float(order), weighting=weighting, probe=probe,
                 num_probes=int(probes), fd_step=float(step))
 
 
-def _check_pfgm(options: dict, pfgmpp_on: bool, cond: bool) -> float:
-    """ValueError for PFGM options that cannot work; returns D = 1."""
-    if pfgmpp_on:
-        raise ValueError("--precond=pfgm is PFGM (D = 1) with its own objective: drop --pfgmpp/--aug_dim "
-                         "(for the PFGM++ objective at D = 1 use --precond=edm --pfgmpp=1 --aug_dim=1)")
-    if cond:
-        raise ValueError("--precond=pfgm computes its field over an unlabelled reference batch: it cannot be combined with --cond=1")
-    for name in ("M", "tau", "sigma_end", "z_max", "z_min", "upper_norm"):
-        if options[name] is not None and not options[name] > 0:
-            raise ValueError(f"--{'pfgm_M' if name == 'M' else name} must be > 0, got {options[name]}")
-    for name in ("gamma", "z_exp"):
-        if options[name] is not None and not options[name] >= 0:
-            raise ValueError(f"--{name} must be >= 0, got {options[name]}")
-    z_min = PFGM_DEFAULTS["z_min"] if options["z_min"] is None else options["z_min"]
-    if options["z_max"] is not None and not z_min < options["z_max"]:
-        raise ValueError(f"--z_min ({z_min}) must be smaller than --z_max ({options['z_max']})")
-    return 1.0
+def complete(c: EasyDict, dataset, world_size: int = 1) -> EasyDict:
+    """What depends on the data, filled in and checked once `dataset` is open (before any run directory exists).
 
-
-def complete_pfgm(c: EasyDict, N: int, data_norm) -> EasyDict:
-    """Fill the PFGM M, z_max and upper_norm left unset with the paper's helper for N values per sample.
-
-    `data_norm` is a callable returning the average data norm, called only when something is missing.
+    The preconditioner completes its own options (PFGM's M, z_max, upper_norm from the data); the loss is
+    built once to check its options, and its reference batch must split over the ranks.
     """
-    from training import pfgm  # noqa: PLC0415 (the loss module, needed only for PFGM runs)
-
-    missing = c.loss_kwargs["M"] is None or c.precond_kwargs["sigma_max"] is None or c.precond_kwargs["upper_norm"] is None
-    if c.precond_class != "PFGMPrecond" or not missing:
-        return c
-    derived = pfgm.derive_hparams(float(data_norm()), N, c.loss_kwargs["sigma_end"], c.loss_kwargs["tau"])
-    for kwargs, key, name in ((c.loss_kwargs, "M", "M"), (c.precond_kwargs, "sigma_max", "z_max"),
-                              (c.precond_kwargs, "upper_norm", "upper_norm")):
-        if kwargs[key] is None:
-            kwargs[key] = derived[name]
-    if not c.precond_kwargs["sigma_min"] < c.precond_kwargs["sigma_max"]:
-        raise ValueError(f"--z_min ({c.precond_kwargs['sigma_min']}) must be smaller than z_max ({c.precond_kwargs['sigma_max']})")
-    c.pfgm_data_norm = derived["data_norm"]
+    preconditioners.get(c.precond).complete_config(c, dataset)
+    if c.loss_kwargs.get("fp"):  # the score FPE needs D = inf or D >> N
+        fp_regularizer.check_D(c.D, dataset.num_channels * dataset.resolution**2)
+    if build_loss(c).needs_reference and c.rbatch % world_size:
+        raise ValueError(f"--rbatch={c.rbatch} must be divisible by the {world_size} ranks (each loads its share)")
     return c
+
+
+def build_loss(c: EasyDict):
+    """The loss of a configuration (its preconditioner's loss class with the run's loss options)."""
+    return preconditioners.get(c.precond).loss_class(**c.loss_kwargs)
 
 
 def describe(c: EasyDict, dataset_name: str, world_size: int) -> str:
     """The run directory's description, EDM-style: data-cond-arch-precond-gpus-batch-precision[-D]."""
     arch = {"SongUNet": "song", "DhariwalUNet": "adm"}.get(c.network_class, c.network_class)
-    kind = c.precond_class.replace("Precond", "").lower()
-    D = "" if math.isinf(c.D) else f"-D{c.D:g}"
-    return f"{dataset_name}-{'cond' if c.dataset_kwargs['use_labels'] else 'uncond'}-{arch}-{kind}{D}-gpus{world_size}-batch{c.batch_size}-{c.precision}"
+    D = "" if math.isinf(c.D) else f"-D{pfgmpp.format_D(c.D)}"
+    return f"{dataset_name}-{'cond' if c.dataset_kwargs['use_labels'] else 'uncond'}-{arch}-{c.precond}{D}-gpus{world_size}-batch{c.batch_size}-{c.precision}"

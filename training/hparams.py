@@ -6,19 +6,17 @@ for every D. What changes with D is the prior: x ~ p_{r_max} is a multivariate S
 of freedom and scale sigma_max, whose norm R obeys R^2 / r_max^2 ~ BetaPrime(N/2, D/2). This module
 reports those quantities so a user can see what a choice of D does before training:
 
-    pfgmpp-hparams --aug_dim=128
-    python -m training.hparams --aug_dim=inf --resolution=64 --json
+    pfgmpp-hparams --aug_dim=128                  # training/cli/hparams.py
+    pfgmpp-hparams --aug_dim=inf --resolution=64 --json
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
-import click
 from scipy import stats
 
 from training.pfgmpp import check_D, sigma_to_r
@@ -155,20 +153,7 @@ def transfer_report(
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
-
-
-class AugDim(click.ParamType):
-    """Click type for D: a real number > 0, or 'inf' for the diffusion limit."""
-
-    name = "D"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        """Parse and check D, failing with a click error (no traceback) when it is invalid."""
-        try:
-            return check_D(float(value))
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a valid D: use a real number > 0 (e.g. 128) or 'inf' (diffusion)", param, ctx)
+# The report as text
 
 
 def _fmt(value: float | None, missing: str = "inf") -> str:
@@ -204,48 +189,3 @@ def format_report(report: dict) -> str:
     if report["notes"]:
         lines += [""] + [f"Note: {note}" for note in report["notes"]]
     return "\n".join(lines)
-
-
-_POSITIVE = click.FloatRange(min=0, min_open=True)
-
-
-@click.command()
-@click.option("--aug_dim", type=AugDim(), required=True, help="Augmentation dimension D: a number > 0, or inf")
-@click.option("--resolution", type=click.IntRange(min=1), default=32, show_default=True, help="Image resolution")
-@click.option("--channels", type=click.IntRange(min=1), default=3, show_default=True, help="Image channels")
-@click.option("--N", "N", type=click.IntRange(min=1), help="Values per sample  [default: channels*resolution^2]")
-@click.option("--sigma_max", type=_POSITIVE, default=80.0, show_default=True, help="Largest noise level")
-@click.option("--sigma_min", type=_POSITIVE, default=0.002, show_default=True, help="Smallest noise level")
-@click.option("--P_mean", "P_mean", type=float, default=-1.2, show_default=True, help="Mean of ln sigma in training")
-@click.option("--P_std", "P_std", type=_POSITIVE, default=1.2, show_default=True, help="Std of ln sigma in training")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (warnings also go to stderr)")
-def main(
-    aug_dim: float,
-    resolution: int,
-    channels: int,
-    N: int | None,
-    sigma_max: float,
-    sigma_min: float,
-    P_mean: float,
-    P_std: float,
-    as_json: bool,
-) -> None:
-    """Show what the EDM hyper-parameters (stated in sigma) become in PFGM++ for a given D."""
-    if N is None:
-        N = channels * resolution**2
-    try:
-        report = transfer_report(aug_dim, N, sigma_max=sigma_max, sigma_min=sigma_min, P_mean=P_mean, P_std=P_std)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-    if as_json:
-        click.echo(json.dumps(report, indent=2, allow_nan=False))
-        for warning in report["warnings"]:
-            click.secho(f"WARNING: {warning}", fg="yellow", err=True)
-        return
-    click.echo(format_report(report))
-    for warning in report["warnings"]:
-        click.secho(f"\nWARNING: {warning}", fg="yellow", bold=True)
-
-
-if __name__ == "__main__":
-    main()

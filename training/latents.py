@@ -2,7 +2,7 @@
 
 The probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (every D) is a bijection between the data at
 sigma_min and the prior p_{r_max} at sigma_max (Score SDE sec. 4.3, PFGM++ sec. 3). `encode` integrates it
-upwards with the adaptive Dormand-Prince solver, `decode` downwards (`sampling.sample_rk45`), so decode(encode(x))
+upwards with the adaptive Dormand-Prince solver, `decode` downwards (the `rk45` solver), so decode(encode(x))
 returns x to the solver's tolerance. A latent is a radius R = |x| and a direction x / R; for finite D the
 prior's radius is heavy-tailed (R^2 / r_max^2 ~ BetaPrime(N/2, D/2)), so interpolation slerps the direction
 and interpolates the radius geometrically (at D = inf the radii concentrate and this is the usual slerp).
@@ -22,8 +22,10 @@ import torch
 import tqdm
 
 from torch_utils import distributed, rng
-from training import generation, images, ode, sampling
-from training.likelihood import sigma_range
+from training import generation, images, ode
+from training.samplers import SamplerSettings, rk45
+from training.samplers.base import log_sigma_drift
+from training.samplers.levels import flow_range
 
 LATENT_FORMATS = ("npy", "pt")
 
@@ -33,8 +35,8 @@ def encode(net, x: torch.Tensor, class_labels: torch.Tensor | None = None, sigma
     """Data x [B, C, H, W] (model units, at sigma_min) to latents at sigma_max, float64; (latents, evaluations)."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] == 0:
         raise ValueError("x must be a non-empty batch of images [B, C, H, W] in the model's units (about [-1, 1])")
-    lo, hi = sigma_range(net, sigma_min, sigma_max)
-    drift = sampling.log_sigma_drift(net, class_labels)
+    lo, hi = flow_range(net, sigma_min, sigma_max)
+    drift = log_sigma_drift(net, class_labels)
     with torch.no_grad():
         solution = ode.rk45(drift, x.to(torch.float64), math.log(lo), math.log(hi), rtol=rtol, atol=atol)
     return solution.y, solution.nfe
@@ -45,9 +47,8 @@ def decode(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
            denoise: bool = False) -> tuple[torch.Tensor, int]:
     """Latents at sigma_max back to x at sigma_min (the inverse of `encode`), or to sigma = 0 with `denoise`."""
     with torch.no_grad():
-        x, nfe = sampling.sample_rk45(net, latents.to(torch.float64), class_labels, sigma_min=sigma_min,
-                                      sigma_max=sigma_max, rtol=rtol, atol=atol, denoise=denoise)
-    return x, nfe
+        return rk45.sample(net, latents.to(torch.float64), class_labels, sigma_min=sigma_min, sigma_max=sigma_max,
+                           rtol=rtol, atol=atol, denoise=denoise)
 
 
 def interpolate(a: torch.Tensor, b: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -114,20 +115,19 @@ def load_latent(path: str | os.PathLike, shape: Sequence[int]) -> torch.Tensor:
 # Grids for generate.py.
 
 
-def _seed_latents(net, seeds: Sequence[int], device, settings: generation.SamplerSettings, class_idx):
+def _seed_latents(net, seeds: Sequence[int], device, settings: SamplerSettings, class_idx):
     generators = rng.seeded_generators(seeds, device)
-    latents = generation.draw_latents(net, generators, device, settings)
+    latents = settings.prior_latents(net, generators, device=device)
     return latents, generation.class_labels(net, generators, class_idx, device)
 
 
-def _render(net, latents, labels, settings: generation.SamplerSettings) -> torch.Tensor:
-    """uint8 images [B, H, W, C] from latents at the sampler's first noise level, with any --solver.
+def _render(net, latents, labels, settings: SamplerSettings) -> torch.Tensor:
+    """uint8 images [B, H, W, C] from latents at the sampler's first noise level, with any solver.
 
     A stochastic sampler draws frame i's noise from a generator seeded with i, so a grid is reproducible.
     """
     generators = rng.seeded_generators(range(len(latents)), latents.device)
-    x, _ = generation.run_sampler(net, latents.to(torch.float32), labels, generators, settings)
-    return images.to_uint8(x)
+    return images.to_uint8(settings.sample(net, latents.to(torch.float32), labels, generator=generators))
 
 
 def interpolation_grid(net, a: torch.Tensor, b: torch.Tensor, frames: int, device, settings=None,
@@ -135,7 +135,7 @@ def interpolation_grid(net, a: torch.Tensor, b: torch.Tensor, frames: int, devic
     """A one-row PNG grid of `frames` images along the interpolation from latent a to latent b."""
     if int(frames) < 2:
         raise ValueError(f"frames must be >= 2 (the two ends included), got {frames}")
-    settings = settings or generation.SamplerSettings()
+    settings = settings or SamplerSettings()
     path = interpolate(a.to(device), b.to(device), torch.linspace(0, 1, int(frames)))
     path = path.reshape(int(frames), net.img_channels, net.img_resolution, net.img_resolution)
     labels = None if labels is None else labels.reshape(1, -1).expand(int(frames), -1)
@@ -144,13 +144,13 @@ def interpolation_grid(net, a: torch.Tensor, b: torch.Tensor, frames: int, devic
 
 def seed_latent(net, seed: int, device, settings=None, class_idx: int | None = None):
     """(latent [1, C, H, W], class label or None) of one seed, as generate.py draws them."""
-    return _seed_latents(net, [int(seed)], device, settings or generation.SamplerSettings(), class_idx)
+    return _seed_latents(net, [int(seed)], device, settings or SamplerSettings(), class_idx)
 
 
 def temperature_grid(net, seeds: Sequence[int], temperatures: Sequence[float], device, settings=None,
                      class_idx: int | None = None):
     """A PNG grid: one row per temperature, one column per seed (the same prior draws, radius scaled)."""
-    settings = settings or generation.SamplerSettings()
+    settings = settings or SamplerSettings()
     latents, labels = _seed_latents(net, seeds, device, settings, class_idx)
     rows = [_render(net, temperature(latents, float(tau)), labels, settings) for tau in temperatures]
     return images.grid(torch.cat(rows).cpu().numpy(), cols=len(seeds))
@@ -184,7 +184,7 @@ def encode_dataset(net, dataset, batch_size: int, device, outdir: str | os.PathL
     """
     if fmt not in LATENT_FORMATS:
         raise ValueError(f"latent format must be one of {', '.join(LATENT_FORMATS)}, got {fmt!r}")
-    batches = [list(b) for b in generation.rank_batches(len(dataset), batch_size)]
+    batches = [list(b) for b in distributed.rank_batches(len(dataset), batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0)
     totals = torch.zeros([3], dtype=torch.float64, device=device)  # images, max error, exact images
     inputs, decoded = [], []

@@ -104,7 +104,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class SafeUnpickler(pickle.Unpickler):
     """pickle.Unpickler that resolves only allow-listed globals and reads storages from a torch zip."""
 
-    allowed: dict[tuple[str, str], Any] = _ALLOWED  # a subclass may admit more (training/detector.py)
+    allowed: dict[tuple[str, str], Any] = _ALLOWED  # a subclass may admit more (training/metrics/detector.py)
 
     def __init__(self, file, archive: zipfile.ZipFile | None = None, prefix: str = ""):
         super().__init__(file)
@@ -187,7 +187,10 @@ _DEFAULT_MODEL = {"EDMPrecond": "DhariwalUNet", "VPPrecond": "SongUNet", "VEPrec
 
 
 def network_parts(record: PersistentRecord) -> tuple[dict, dict, dict]:
-    """(precond config, model config, state_dict) of a recorded EDM / PFGM++ network wrapper."""
+    """(precond config, model config, state_dict) of a recorded EDM / PFGM++ network wrapper.
+
+    The model's out_channels is the preconditioner's to declare (`training.checkpoint` fills it in).
+    """
     if not isinstance(record, PersistentRecord) or record.class_name not in _PRECOND_KEYS:
         found = record.class_name if isinstance(record, PersistentRecord) else type(record).__name__
         raise ValueError(f"expected a network wrapper ({', '.join(_PRECOND_KEYS)}), found {found}")
@@ -204,7 +207,6 @@ def network_parts(record: PersistentRecord) -> tuple[dict, dict, dict]:
     model_kwargs = {
         "img_resolution": precond_kwargs.get("img_resolution"),
         "in_channels": channels,
-        "out_channels": channels * 2 if record.class_name == "iDDPMPrecond" else channels,
         "label_dim": precond_kwargs.get("label_dim", 0),
         **kwargs,
     }

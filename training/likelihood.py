@@ -9,83 +9,34 @@ at 0) along this flow, so for data x at sigma_min (Score SDE App. D.2, Chen et a
 x_T the end of the flow, integrated together with the log-determinant by the adaptive Dormand-Prince
 solver of `training.ode`. The prior term is the exact kernel log-density `pfgmpp.log_prob` in float64.
 div D is exact (N vector-Jacobian products; small N) or Hutchinson's estimate v^T J v with Rademacher or
-Gaussian probes, fixed along each trajectory, several averaged.
+Gaussian probes (`training.divergence`), fixed along each trajectory, several averaged.
 
 Bits/dim of 8-bit images (docs/likelihood.md): pixel values k in {0..255} are the training points
 x = k / 127.5 - 1; uniform dequantisation x = (k + u - 1/2) / 127.5 - 1, u ~ U[0, 1)^N, gives
     bpd = -E_u[log p(x)] / (N ln 2) + log2(127.5),
 the same bound on the discrete NLL as Score SDE's -log p(z) / (N ln 2) + 8 for z = (k + u) / 256 in [0, 1).
 
-    torchrun --standalone --nproc_per_node=8 -m training.likelihood --network=net.pt \\
-        --data=datasets/cifar10-32x32-test.zip --out=bpd.json
+    torchrun --standalone --nproc_per_node=8 -m training.cli.likelihood --network=net.pt \\
+        --data=datasets/cifar10-32x32-test.zip --out=bpd.json      # also installed as pfgmpp-likelihood
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import click
 import torch
 import tqdm
 
-from dnnlib import util
 from torch_utils import distributed, rng
-from training import generation, ode, pfgmpp, sampling
+from training import ode, pfgmpp
+from training.divergence import PROBE_KINDS, divergence, draw_probes
+from training.samplers.base import log_sigma_drift
+from training.samplers.levels import flow_range
 
-ESTIMATORS = ("rademacher", "gaussian", "exact")
-PROBE_KINDS = ("rademacher", "gaussian")
+ESTIMATORS = (*PROBE_KINDS, "exact")
 BIN_WIDTH = 1 / 127.5  # one 8-bit level in the model's units, x = k / 127.5 - 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Divergence estimators (shared with the FP regulariser).
-
-
-def draw_probes(shape: Sequence[int], kind: str = "rademacher", count: int = 1, generator: rng.Generators = None,
-                device=None, dtype=torch.float32) -> torch.Tensor:
-    """Hutchinson probes [B, count, ...] for inputs of `shape` = [B, ...]: E[v v^T] = I."""
-    if kind not in PROBE_KINDS:
-        raise ValueError(f"probe kind must be one of {', '.join(PROBE_KINDS)}, got {kind!r}")
-    if int(count) < 1:
-        raise ValueError(f"the number of probes must be >= 1, got {count}")
-    shape = [int(shape[0]), int(count), *[int(s) for s in shape[1:]]]
-    if kind == "gaussian":
-        return rng.randn(shape, generator, device=device, dtype=dtype)
-    u = rng.rand(shape, generator, device=device, dtype=dtype)
-    return torch.where(u < 0.5, -torch.ones_like(u), torch.ones_like(u))
-
-
-def divergence(outputs: torch.Tensor, inputs: torch.Tensor, probes: torch.Tensor | None = None,
-               create_graph: bool = False) -> torch.Tensor:
-    """Per-sample div of outputs(inputs), Tensor[B]: Hutchinson's mean over probes [B, K, ...], exact if None.
-
-    `outputs` must be a differentiable function of `inputs` (same shape [B, ...], no mixing across rows).
-    The estimate v^T J v takes one vector-Jacobian product per probe; the exact trace takes N of them.
-    """
-    if outputs.shape != inputs.shape:
-        raise ValueError(f"outputs {list(outputs.shape)} and inputs {list(inputs.shape)} must have the same shape")
-    batch = inputs.shape[0]
-    if probes is None:
-        flat = outputs.reshape(batch, -1)
-        total = torch.zeros([batch], dtype=outputs.dtype, device=outputs.device)
-        for i in range(flat.shape[1]):
-            (grad,) = torch.autograd.grad(flat[:, i].sum(), inputs, retain_graph=True, create_graph=create_graph)
-            total = total + grad.reshape(batch, -1)[:, i]
-        return total
-    if probes.ndim != inputs.ndim + 1 or probes.shape[0] != batch or probes.shape[2:] != inputs.shape[1:]:
-        raise ValueError(f"probes must have shape [B, K, ...] = [{batch}, K, {', '.join(map(str, inputs.shape[1:]))}], "
-                         f"got {list(probes.shape)}")
-    count = probes.shape[1]
-    total = torch.zeros([batch], dtype=outputs.dtype, device=outputs.device)
-    for k in range(count):
-        v = probes[:, k].to(outputs.dtype)
-        (jtv,) = torch.autograd.grad(outputs, inputs, grad_outputs=v, retain_graph=True, create_graph=create_graph)
-        total = total + (jtv * v.to(jtv.dtype)).reshape(batch, -1).sum(dim=1).to(total.dtype)
-    return total / count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,13 +56,8 @@ class Likelihood:
     sigma_max: float
 
 
-def sigma_range(net, sigma_min: float | None = None, sigma_max: float | None = None) -> tuple[float, float]:
-    """(sigma_min, sigma_max) of the flow: EDM's [0.002, 80] by default, clamped and rounded by the network."""
-    levels = sampling.noise_levels(net, num_steps=2, sigma_min=sigma_min, sigma_max=sigma_max)
-    return float(levels[-1]), float(levels[0])
-
-
-def _check_prior(net) -> None:
+def check_prior(net) -> None:
+    """ValueError for networks whose prior has no density (PFGM's clipped norm)."""
     if getattr(net, "upper_norm", None) is not None:
         raise ValueError("this network clips its prior's norm (PFGM's upper_norm): its prior has no kernel density, "
                          "so the likelihood is undefined; use a PFGM++ / diffusion network")
@@ -119,7 +65,7 @@ def _check_prior(net) -> None:
 
 def _augmented_drift(net, class_labels, shape, probes):
     """d[x, delta]/dt = [f, div f] in t = ln sigma, on a flat float64 state [B, N + 1]."""
-    base = sampling.log_sigma_drift(net, class_labels)
+    base = log_sigma_drift(net, class_labels)
     batch, N = shape[0], math.prod(shape[1:])
 
     def drift(t: float, y: torch.Tensor) -> torch.Tensor:
@@ -149,10 +95,10 @@ def log_likelihood(
     from `draw_probes` give Hutchinson's estimate (unbiased for p's log, fixed along the trajectory);
     None computes div D exactly (N network backward passes per evaluation: small N only).
     """
-    _check_prior(net)
+    check_prior(net)
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
         raise ValueError("x must be a non-empty batch [B, ...]")
-    lo, hi = sigma_range(net, sigma_min, sigma_max)
+    lo, hi = flow_range(net, sigma_min, sigma_max)
     batch, N = x.shape[0], math.prod(x.shape[1:])
     y0 = torch.cat([x.detach().reshape(batch, N).to(torch.float64),
                     torch.zeros([batch, 1], dtype=torch.float64, device=x.device)], dim=1)
@@ -219,9 +165,7 @@ def image_bpd(
 
 def image_generators(seed: int, positions: Sequence[int], device) -> list[torch.Generator]:
     """One generator per image, seeded by (seed, position in the dataset): independent of batch and ranks."""
-    from training.training_loop import mixed_seed
-
-    return rng.seeded_generators([mixed_seed(seed, p, 9) for p in positions], device)
+    return rng.seeded_generators([rng.mixed_seed(seed, p, 9) for p in positions], device)
 
 
 def dataset_bpd(net, dataset, batch_size: int, device, seed: int = 0, workers: int = 1, progress: bool = False,
@@ -234,7 +178,7 @@ def dataset_bpd(net, dataset, batch_size: int, device, seed: int = 0, workers: i
     count = len(dataset)
     if count == 0:
         raise ValueError("the dataset is empty")
-    batches = [list(b) for b in generation.rank_batches(count, batch_size)]
+    batches = [list(b) for b in distributed.rank_batches(count, batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          prefetch_factor=2 if workers else None)
     values = torch.zeros([count], dtype=torch.float64, device=device)
@@ -254,64 +198,3 @@ def dataset_bpd(net, dataset, batch_size: int, device, seed: int = 0, workers: i
     se = float(values.std(unbiased=True) / math.sqrt(count)) if count > 1 else math.nan
     return dict(bpd=mean, bpd_se=se, num_images=count, nfe_per_solve=float(nfe[0] / max(float(nfe[1]), 1.0)),
                 per_image=values.cpu().tolist())
-
-
-def _d_text(D: float) -> str:
-    return "inf" if math.isinf(D) else f"{D:g}"
-
-
-@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--network", help="Network snapshot or EDM/PFGM++ checkpoint", metavar="PATH|URL", type=str, required=True)
-@click.option("--data", help="Images: a ZIP or folder made by dataset_tool.py", metavar="ZIP|DIR", type=str, required=True)
-@click.option("--out", help="Write the results here as JSON (rank 0)", metavar="JSON", type=click.Path(dir_okay=False))
-@click.option("--num", help="Evaluate a seeded subset of this many images [default: all]", metavar="INT", type=click.IntRange(min=1))
-@click.option("--batch", "batch_size", help="Images per ODE solve per rank", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--dequant", help="Uniform dequantisation draws averaged per image", metavar="INT", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--estimator", help="Divergence: Hutchinson probes, or exact (small images only)", type=click.Choice(list(ESTIMATORS)), default="rademacher", show_default=True)
-@click.option("--probes", "num_probes", help="Hutchinson probes averaged per trajectory", metavar="INT", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--rtol", help="RK45 relative tolerance", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True)
-@click.option("--atol", help="RK45 absolute tolerance", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True)
-@click.option("--sigma_min", help="Where the data sit [default: 0.002, clamped to the network]", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True))
-@click.option("--sigma_max", help="Where the prior sits [default: 80, clamped to the network]", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True))
-@click.option("--seed", help="Seed of the subset, dequantisation and probes", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--workers", help="Data loader processes", metavar="INT", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--per_image", help="Also store every image's bits/dim in the JSON", is_flag=True)
-def main(network, data, out, num, batch_size, seed, workers, per_image, **options):
-    """Bits/dim of a dataset under a trained network (any D), on one or many GPUs (torchrun)."""
-    from training.dataset import ImageFolderDataset
-
-    device = distributed.init()
-    if out is not None and not Path(out).resolve().parent.is_dir():
-        raise click.ClickException(f"--out={out}: its folder does not exist; create it or choose another path")
-    try:
-        net = generation.load_network(network, device)
-        _check_prior(net)
-        dataset = ImageFolderDataset(data, max_size=num, random_seed=seed, use_labels=bool(getattr(net, "label_dim", 0)))
-        if options["estimator"] == "exact" and math.prod(dataset.image_shape) > 4096:
-            raise ValueError(f"--estimator=exact needs {math.prod(dataset.image_shape)} backward passes per network call; "
-                             "use --estimator=rademacher for images this large")
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    net.eval().requires_grad_(False)
-    generation.precision_context("fp32", device)  # TF32 off: the log-determinant sums N small terms
-    distributed.print0(f"{type(net).__name__} D={_d_text(float(net.D))}: {len(dataset)} images of {data} "
-                       f"on {distributed.get_world_size()} rank(s)")
-    try:
-        result = dataset_bpd(net, dataset, batch_size, device, seed=seed, workers=workers, progress=True, **options)
-    except (ValueError, RuntimeError) as error:
-        raise click.ClickException(str(error)) from None
-    lo, hi = sigma_range(net, options["sigma_min"], options["sigma_max"])
-    result.update(options)
-    result.update(network=network, data=data, D=_d_text(float(net.D)), sigma_min=lo, sigma_max=hi, seed=seed)
-    if not per_image:
-        result.pop("per_image")
-    distributed.print0(f"bits/dim {result['bpd']:.4f} +- {result['bpd_se']:.4f} (standard error, "
-                       f"{result['num_images']} images, {result['nfe_per_solve']:.0f} evaluations per solve)")
-    if out is not None and distributed.is_main():
-        with util.atomic_write(out, "w") as f:
-            json.dump(result, f, indent=2)
-    distributed.shutdown()
-
-
-if __name__ == "__main__":
-    main()

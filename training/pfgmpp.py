@@ -16,7 +16,6 @@ import torch
 
 from torch_utils import rng
 
-INF = math.inf
 
 # Marsaglia-Tsang proposals drawn in parallel per Gamma variate. Each is accepted with probability
 # > 0.95 (alpha >= 1), so all 16 are rejected with probability < 0.05**16 ~ 1e-21 per variate.
@@ -37,6 +36,11 @@ def check_D(D) -> float:
     if math.isnan(D) or D <= 0:
         raise ValueError(f"D must be a real number > 0 or math.inf (diffusion), got {D}")
     return D
+
+
+def format_D(D: float) -> str:
+    """D for people: 'inf' for the diffusion limit, else the shortest exact form ('128', '0.5')."""
+    return "inf" if math.isinf(float(D)) else f"{float(D):g}"
 
 
 def _check_positive(name: str, value) -> None:

@@ -20,22 +20,17 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 
 from dnnlib.util import EasyDict, atomic_write
-from torch_utils import distributed
-from training import checkpoint, images, networks, sampling
+from torch_utils import distributed, precision
+from torch_utils.rng import mixed_seed
+from training import checkpoint, images, networks, preconditioners, samplers
 from training.stats import TickStats
 
 STATE_FORMAT, STATE_VERSION = "pfgmpp-training-state", 1
 STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
-
-
-def mixed_seed(*values: int) -> int:
-    """A 63-bit seed mixed from integers (numpy's SeedSequence): distinct tuples give unrelated streams."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class GlobalBatchSampler:
@@ -147,19 +142,16 @@ def write_state(path: Path, net, ema, optimizer, step: int, cur_nimg: int, confi
 
 def set_precision(c: EasyDict, device: torch.device) -> None:
     """TF32 unless --precision=fp32; cuDNN autotuning on CUDA unless --bench=0."""
-    tf32 = c.precision != "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    precision.set_tf32(c.precision != "fp32")
     torch.backends.cudnn.benchmark = device.type == "cuda" and c.get("cudnn_benchmark", True)
 
 
 def build_networks(c: EasyDict, dataset, device):
     """The trained network (train mode) and its EMA copy, from the config and the dataset's shape."""
-    out_channels = dataset.num_channels * (2 if c.precond_class == "iDDPMPrecond" else 1)
-    out_channels += 1 if c.precond_class == "PFGMPrecond" else 0  # PFGM's z-component of the field
-    model = networks.build_network(c.network_class, dataset.resolution, dataset.num_channels, out_channels,
-                                   label_dim=dataset.label_dim, **c.network_kwargs)
-    precond = checkpoint.PRECONDS[c.precond_class]
+    precond = preconditioners.get(c.precond)
+    model = networks.build_network(c.network_class, dataset.resolution, dataset.num_channels,
+                                   precond.out_channels(dataset.num_channels), label_dim=dataset.label_dim,
+                                   **c.network_kwargs)
     net = precond(model, img_resolution=dataset.resolution, img_channels=dataset.num_channels,
                   label_dim=dataset.label_dim, **c.precond_kwargs)
     net.train().requires_grad_(True).to(device)
@@ -262,17 +254,12 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             rows = slice(self.rank * self.batch_rank + r * c.batch_gpu, self.rank * self.batch_rank + (r + 1) * c.batch_gpu)
             sync = r == self.rounds - 1 or self.world == 1
-            with (self.ddp.no_sync() if not sync else contextlib.nullcontext()), self._autocast():
+            with (self.ddp.no_sync() if not sync else contextlib.nullcontext()), precision.autocast(c.precision, dev):
                 loss = self.loss_fn(self.model, images, labels, augment_pipe=augment, draws=tuple(d[rows] for d in draws),
                                     reference=reference)
             self.stats.add_loss(loss.detach().flatten(1).mean(dim=1), sigma[rows])
             loss.sum().mul(c.loss_scaling / self.batch_rank).backward()
         self._optimizer_step()
-
-    def _autocast(self):
-        if self.c.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def _optimizer_step(self) -> None:
         c = self.c
@@ -307,9 +294,8 @@ class Trainer:
             labels = None
             if self.dataset.label_dim:
                 labels = torch.eye(self.dataset.label_dim, device=self.device)[torch.arange(self.c.grid_count) % self.dataset.label_dim]
-            with torch.no_grad():
-                options = dict(num_steps=self.c.grid_steps)
-                x = sampling.sample(self.ema, sampling.prior_latents(self.ema, generators, **options), labels, **options)
+            settings = samplers.SamplerSettings("heun", dict(num_steps=self.c.grid_steps))
+            x = settings.sample(self.ema, settings.prior_latents(self.ema, generators), labels)
             images.save_png(self.run_dir / f"samples-{kimg:06d}.png", images.grid(images.to_uint8(x).cpu().numpy()))
 
     def save_state(self) -> Path:
@@ -330,16 +316,13 @@ class Trainer:
                      ema_beta=ema_beta(self.c, self.cur_nimg), sec_per_tick=t, sec_per_kimg=t / max(nimg / 1000, 1e-9),
                      img_per_sec=nimg / max(t, 1e-9), peak_gpu_gib=peak_gpu,
                      cpu_rss_gib=psutil.Process().memory_info().rss / 2**30, timestamp=time.time())
-        fp = getattr(self.loss_fn, "fp", None)
-        if fp is not None:  # the score-FPE regulariser: its terms, and its own seconds per step (rank 0's)
-            fp_stats = fp.tick_stats(self.device)
-            stats.update(fp_vector=fp_stats["fp_vector"], fp_scalar=fp_stats["fp_scalar"],
-                         fp_sec_per_step=fp_stats["fp_sec"] / max(stats["steps"], 1))
+        extra = self.loss_fn.tick_stats(self.device, stats["steps"])  # what the loss reports besides its value
+        stats.update(extra)
         if distributed.is_main():
             log.info(f"tick {tick:<5d} kimg {stats['kimg']:<9.3f} loss {stats['loss']:<8.4f} sec/kimg {stats['sec_per_kimg']:<8.2f} "
                      f"img/s {stats['img_per_sec']:<8.1f} gradnorm {stats['grad_norm']:<8.3f} nonfinite {stats['nonfinite_grad_steps']} "
                      f"gpumem {peak_gpu:<5.2f} cpumem {stats['cpu_rss_gib']:.2f}"
-                     + (f" fp_sec/step {stats['fp_sec_per_step']:.3f}" if fp is not None else ""))
+                     + "".join(f" {key} {value:.4g}" for key, value in extra.items()))
             with open(self.run_dir / "stats.jsonl", "a") as f:
                 f.write(json.dumps(stats) + "\n")
             self._tensorboard(stats)
@@ -388,8 +371,7 @@ def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, aug
         if distributed.is_main():
             log.info(f"resumed from {resume} at kimg {trainer.cur_nimg / 1000:.3f} (step {trainer.step})")
     batches = trainer.batches()
-    use_reference = c.stf or c.precond_class == "PFGMPrecond"
-    references = trainer.batches(c.rbatch, mixed_seed(c.seed, 4)) if use_reference else None
+    references = trainer.batches(c.rbatch, mixed_seed(c.seed, 4)) if loss_fn.needs_reference else None
     total_nimg, stats = int(c.total_kimg * 1000), {}
     tick_start = (trainer.cur_nimg, time.time())
     # A collective that fails because a rank died or hangs becomes an error naming that rank (after

@@ -23,21 +23,10 @@ from training.networks.layers import Conv2d, GroupNorm, Linear, PositionalEmbedd
 class DhariwalUNet(nn.Module):
     """The ADM U-Net: F_theta(x, noise_labels, class_labels, augment_labels)."""
 
-    def __init__(
-        self,
-        img_resolution: int,
-        in_channels: int,
-        out_channels: int,
-        label_dim: int = 0,
-        augment_dim: int = 0,
-        model_channels: int = 192,
-        channel_mult: Sequence[int] = (1, 2, 3, 4),
-        channel_mult_emb: int = 4,
-        num_blocks: int = 3,
-        attn_resolutions: Sequence[int] = (32, 16, 8),
-        dropout: float = 0.10,
-        label_dropout: float = 0.0,
-    ):
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0, augment_dim: int = 0,
+                 model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_emb: int = 4,
+                 num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10,
+                 label_dropout: float = 0.0):  # EDM's keywords, in EDM's order
         super().__init__()
         self.img_resolution = int(img_resolution)
         self.in_channels = int(in_channels)

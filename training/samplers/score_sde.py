@@ -20,6 +20,7 @@ Correctors, x <- x + e score + sqrt(2 e) z with e = 2 alpha_i (snr r)^2 (alpha_i
   A per-sample ratio would be batch-independent too, but a step that depends on the state biases Langevin
   dynamics (its stationary density becomes p / e(x)): it visibly skews the mode weights of a mixture.
 With `denoise`, the result is E[y | x] at the last level, D(x / s, sigma(eps)) (one more evaluation).
+Registered as the solver `pc`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from torch_utils import rng
-from training import preconditioning, sampling, schedules
+from training import schedules
+from training.samplers.base import Solver, draw_prior
+from training.samplers.levels import noise_levels
 
 SDES = ("ve", "vp")
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "none")
@@ -52,22 +55,22 @@ class _Grid:
 def _sde_kind(net, sde: str | None) -> str:
     if not math.isinf(float(getattr(net, "D", math.inf))):
         raise ValueError(f"the reverse SDE needs the Gaussian kernel (D = inf); this network has D = {net.D}: "
-                         "use sampling.sample / sampling.sample_rk45")
+                         "use an ODE solver (heun, euler or rk45)")
     if sde is None:
-        return "vp" if isinstance(net, preconditioning.VPPrecond) else "ve"
+        return getattr(net, "score_sde", "ve")  # the preconditioner's own SDE: vp for VP networks
     if sde not in SDES:
         raise ValueError(f"sde must be one of {', '.join(SDES)}, got {sde!r}")
     return sde
 
 
 def _level_options(sde: str, eps: float, sigma_min: float | None, sigma_max: float | None) -> dict:
-    """The options of `sampling.noise_levels` / `prior_latents` that give this SDE's range."""
+    """The options of `noise_levels` that give this SDE's range."""
     return dict(sigma_min=sigma_min, sigma_max=sigma_max, discretization=sde, epsilon_s=eps)
 
 
 def _grid(net, sde: str, num_steps: int, eps: float, sigma_min, sigma_max) -> _Grid:
     """sigma(t), s(t), f(t), g^2(t) on the time grid, for the SDE whose range the network supports."""
-    levels = sampling.noise_levels(net, 2, **_level_options(sde, eps, sigma_min, sigma_max))
+    levels = noise_levels(net, 2, **_level_options(sde, eps, sigma_min, sigma_max))
     hi, lo = float(levels[0]), float(levels[-1])
     t = torch.linspace(1.0, eps, num_steps + 1, dtype=torch.float64)
     if sde == "ve":
@@ -85,10 +88,11 @@ def _grid(net, sde: str, num_steps: int, eps: float, sigma_min, sigma_max) -> _G
 
 def prior_latents(net, generator: rng.Generators, batch: int | None = None, device=None, sde: str | None = None,
                   eps: float | None = None, sigma_min: float | None = None, sigma_max: float | None = None) -> torch.Tensor:
-    """Prior draws N(0, sigma(1)^2 I) in unscaled coordinates for `sample_pc` with the same options."""
+    """Prior draws N(0, sigma(1)^2 I) in unscaled coordinates for `sample` with the same options."""
     sde = _sde_kind(net, sde)
     eps = DEFAULT_EPS[sde] if eps is None else eps
-    return sampling.prior_latents(net, generator, batch, device, **_level_options(sde, eps, sigma_min, sigma_max))
+    return draw_prior(net, generator, float(noise_levels(net, **_level_options(sde, eps, sigma_min, sigma_max))[0]),
+                      batch, device)
 
 
 def _check(num_steps, predictor, corrector, snr, n_corrector, eps) -> None:
@@ -116,7 +120,7 @@ def _langevin_step(x, grad, z, corrector: str, alpha_snr2: float, marginal_std: 
     return x + step * grad + (2 * step) ** 0.5 * z
 
 
-def sample_pc(
+def sample(
     net,
     latents: torch.Tensor,
     class_labels: torch.Tensor | None = None,
@@ -174,3 +178,8 @@ def sample_pc(
         x = net(x, sigmas[-1], class_labels).to(x.dtype)
         nfe += 1
     return x.to(latents.dtype), nfe
+
+
+PC = Solver(sample, prior_latents,
+            ("sde", "num_steps", "predictor", "corrector", "snr", "n_corrector", "eps", "sigma_min", "sigma_max", "denoise"),
+            ("sde", "eps", "sigma_min", "sigma_max"), "Score SDE's predictor-corrector sampler (D = inf)")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.dataset import DatasetError
-from training.dataset_sources import Source, SourceItem, _image_from_array
+from training.datasets.format import DatasetError
+from training.datasets.source import Source, SourceItem, SourceKind, image_from_array
 
+PREFIX = "embedded:"  # --source=embedded:NAME
 EMBEDDED = ("shapes", "digits")
 
 
@@ -85,7 +86,7 @@ def _shapes() -> Source:
         for start in range(0, SHAPES_SIZE, _SHAPES_CHUNK):
             images, labels = shapes_chunk(start // _SHAPES_CHUNK)
             for i in range(min(_SHAPES_CHUNK, SHAPES_SIZE - start)):
-                load = functools.partial(_image_from_array, images[i])
+                load = functools.partial(image_from_array, images[i])
                 yield SourceItem(f"embedded:shapes[{start + i}]", int(labels[i]), load)
 
     description = f"embedded:shapes ({SHAPES_SIZE} generated 32x32 RGB images of {len(SHAPES_CLASSES)} shapes)"
@@ -120,7 +121,7 @@ def _digits() -> Source:
 
     def items() -> Iterator[SourceItem]:
         for i in range(len(images)):
-            yield SourceItem(f"embedded:digits[{i}]", int(labels[i]), functools.partial(_image_from_array, images[i]))
+            yield SourceItem(f"embedded:digits[{i}]", int(labels[i]), functools.partial(image_from_array, images[i]))
 
     description = f"embedded:digits ({len(images)} real 8x8 grayscale handwritten digits from scikit-learn)"
     return Source(description, len(images), items, None, [str(d) for d in range(10)])
@@ -133,3 +134,12 @@ def embedded_source(name: str) -> Source:
     if name == "digits":
         return _digits()
     raise DatasetError(f"unknown embedded dataset {name!r}; available: " + ", ".join(f"embedded:{n}" for n in EMBEDDED))
+
+
+# Chosen by the spec's prefix (sources.open_source), never detected from a path.
+EMBEDDED_KIND = SourceKind(
+    "embedded",
+    PREFIX + "|".join(EMBEDDED),
+    detect=lambda path: False,
+    open=lambda name, labels_from_folders: embedded_source(name),
+)

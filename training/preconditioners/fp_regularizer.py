@@ -39,8 +39,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_utils import distributed, rng
-from training import likelihood, pfgmpp
-from training.preconditioning import Precond
+from training import divergence, pfgmpp
+from training.preconditioners.base import Precond
 
 WEIGHTINGS = ("ll", "convention", "constant")
 FINITE_D_RATIO = 1000.0  # finite D must be at least this many times N
@@ -84,7 +84,7 @@ def score_fpe_residuals(net, x: torch.Tensor, sigma: torch.Tensor, probes: torch
                         create_graph: bool = False) -> Residuals:
     """The score FPE residuals of the denoiser `net` at points x [B, ...] and noise levels sigma [B].
 
-    `probes` [B, K, ...] (`likelihood.draw_probes`) estimate div D; None is exact (small N only).
+    `probes` [B, K, ...] (`training.divergence.draw_probes`) estimate div D; None is exact (small N only).
     `create_graph=True` keeps the graph so that the residuals can be trained on.
     """
     if not fd_step > 0:
@@ -104,7 +104,7 @@ def score_fpe_residuals(net, x: torch.Tensor, sigma: torch.Tensor, probes: torch
     with torch.enable_grad(), torch.autocast(x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
         x = x.detach().requires_grad_(True)
         denoised = call(x, sigma_b)
-        div_D = likelihood.divergence(denoised, x, probes, create_graph=True)
+        div_D = divergence.divergence(denoised, x, probes, create_graph=True)
         gap = denoised - x
         gap_sq = gap.reshape(batch, N).square().sum(dim=1)
         phi = sigma.square() * div_D + gap_sq  # sigma^4 (div s + |s|^2) + const
@@ -169,8 +169,8 @@ class FPRegularizer:
             raise ValueError(f"the order m must be > 0, got {m}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-        if probe not in likelihood.PROBE_KINDS:
-            raise ValueError(f"probe must be one of {', '.join(likelihood.PROBE_KINDS)}, got {probe!r}")
+        if probe not in divergence.PROBE_KINDS:
+            raise ValueError(f"probe must be one of {', '.join(divergence.PROBE_KINDS)}, got {probe!r}")
         if int(num_probes) < 1 or not fd_step > 0:
             raise ValueError(f"num_probes must be >= 1 and fd_step > 0, got {num_probes}, {fd_step}")
         self.alpha, self.beta, self.m, self.weighting = float(alpha), float(beta), float(m), weighting
@@ -189,7 +189,7 @@ class FPRegularizer:
 
     def draw_probes(self, shape, device, generator: rng.Generators = None) -> torch.Tensor:
         """Hutchinson probes [B, num_probes, ...] for a batch of `shape`."""
-        return likelihood.draw_probes(shape, self.probe, self.num_probes, generator, device=device)
+        return divergence.draw_probes(shape, self.probe, self.num_probes, generator, device=device)
 
     def terms(self, net, x, sigma, probes=None, class_labels=None, augment_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(vector term [B], scalar term []) with graph: w (|eps|^2 / N)^(m/2) per sample and |mean rho / N|^m."""

@@ -10,24 +10,28 @@ reference code scales by sqrt(N); the two differ by a factor 1 + O(1/N), which t
 v_x / v_z only, does not see). Since every y~_i has z = 0, E = (E[y|x] - x, -z) exactly, where E[y|x] is
 the PFGM++ posterior mean at D = 1 with r = z: `training.pfgmpp.posterior_mean` (chunked, float64) is the
 one implementation of both. The same identity turns a PFGM network into a denoiser (`PFGMPrecond`), so its
-backward ODE in t = ln z, dx/dt = z v_x / v_z, is `sampling.log_sigma_drift` of that denoiser.
+backward ODE in t = ln z, dx/dt = z v_x / v_z, is the probability-flow ODE of that denoiser
+(`training.samplers.pfgm`, PFGM's sampler; every other sampler runs PFGM networks too).
+
+Everything of the PFGM baseline but its sampler lives here: the field, the perturbation, the loss, the
+hyper-parameter helper (`pfgmpp-pfgm-hparams`, training/cli/pfgm_hparams.py) and the preconditioner with its
+training options (train.py --precond=pfgm):
 
     pfgmpp-pfgm-hparams --data_norm=32 --resolution=32     # CIFAR-10: M = 291
-    python -m training.pfgm --data=datasets/cifar10-32x32.zip
 """
 
 from __future__ import annotations
 
-import json
 import math
 
-import click
 import torch
 
+from dnnlib.util import records_init_kwargs
 from torch_utils import rng
-from training import ode, pfgmpp, sampling
-
-SOLVERS = ("rk45", "euler", "improved_euler")
+from training import pfgmpp
+from training.pfgmpp import check_D
+from training.preconditioners.base import Precond
+from training.preconditioners.losses import Loss
 
 # The reference code restricts m to [0, 0.7 M) where its Gaussian draw of z is below 0.005 (App. B.1.1).
 _RESTRICT_Z, _RESTRICT_FRACTION = 0.005, 0.7
@@ -80,10 +84,12 @@ def perturb(shape, M: float, tau: float = 0.03, sigma_end: float = 0.01, restric
     return (eps_z.abs() * multiplier).to(torch.float32).clamp_min(_Z_FLOOR), n
 
 
-class PFGMLoss:
+class PFGMLoss(Loss):
     """PFGM's objective: |v_theta(x, z) - v(x, z)|^2 over N + 1 components, v the normalised field of the
     training batch and a reference batch (PFGM puts its mini-batch inside the large batch; `reference` is
     the gathered reference batch of the training loop). Returns the per-element loss [B, N + 1]."""
+
+    needs_reference = True
 
     def __init__(self, M: float = 291, tau: float = 0.03, sigma_end: float = 0.01, gamma: float = 5.0,
                  restrict_M: bool = True, chunk: int = 1024):
@@ -146,83 +152,120 @@ def average_norm(dataset, max_images: int = 10000) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: the backward ODE in t = ln z, from z_max to z_min.
+# The preconditioner and its training options (train.py --precond=pfgm)
+
+# The paper's settings (PFGM, Xu et al. 2022, CIFAR-10) for options left unset; M, z_max and upper_norm are
+# derived from the data (`PFGMPrecond.complete_config`).
+PAPER_SETTINGS = dict(tau=0.03, gamma=5.0, sigma_end=0.01, z_min=1e-3, z_exp=5.0, restrict_M=True)
 
 
-def prior_latents(net, generator: rng.Generators, batch: int | None = None, device=None,
-                  z_max: float | None = None) -> torch.Tensor:
-    """PFGM's prior for `sample`: the D = 1 kernel at z_max (default: the network's), norm clipped by upper_norm."""
-    z_max = float(net.sigma_max if z_max is None else z_max)
-    return sampling.prior_latents(net, generator, batch, device, sigma_min=min(float(net.sigma_min), z_max / 2), sigma_max=z_max)
+def _check_options(o: dict) -> None:
+    """ValueError, naming the flag, for PFGM options that cannot work."""
+    for name in ("pfgm_M", "tau", "sigma_end", "z_max", "z_min", "upper_norm"):
+        if o[name] is not None and not o[name] > 0:
+            raise ValueError(f"--{name} must be > 0, got {o[name]}")
+    for name in ("gamma", "z_exp"):
+        if o[name] is not None and not o[name] >= 0:
+            raise ValueError(f"--{name} must be >= 0, got {o[name]}")
+    z_min = PAPER_SETTINGS["z_min"] if o["z_min"] is None else o["z_min"]
+    if o["z_max"] is not None and not z_min < o["z_max"]:
+        raise ValueError(f"--z_min ({z_min}) must be smaller than --z_max ({o['z_max']})")
 
 
-def sample(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None, solver: str = "rk45",
-           num_steps: int = 100, z_min: float | None = None, z_max: float | None = None, rtol: float = 1e-4,
-           atol: float = 1e-4, denoise: bool = False) -> tuple[torch.Tensor, int]:
-    """PFGM's sampler for a `PFGMPrecond` network (or any denoiser): (x, network evaluations).
+# The z-component of the predicted field is kept below -_V_Z_CEILING, so that x - z v_x / v_z stays finite.
+_V_Z_CEILING = 1e-5
 
-    dx/dt = z v_x / v_z = x - D(x, z) in t = ln z from z_max to z_min (default: the network's range),
-    with RK45 (PFGM's default, rtol = atol = 1e-4) or `num_steps` uniform steps of forward or improved
-    Euler. `latents`: `prior_latents(net, generators, z_max=z_max)` (the prior at z_max, its norm clipped
-    by the network's upper_norm). PFGM returns x at z_min; `denoise`
-    takes the Euler step on to z = 0 instead (x = D(x, z_min); free with rk45, one evaluation otherwise).
+
+@records_init_kwargs
+class PFGMPrecond(Precond):
+    """PFGM (D = 1, Xu et al. 2022): the network predicts the normalised Poisson field (v_x, v_z) in N + 1 dims.
+
+    As in PFGM's reference code: the input is x itself (no c_in scaling), the noise label is ln z, and the
+    network has img_channels + 1 output channels: v_x is the first img_channels, v_z the spatial mean of the
+    last. `field` (or `forward(..., return_field=True)`, for DDP) returns (v_x, v_z), the training target's
+    form. Called like every preconditioner, the network is a denoiser: the field of a finite set is parallel
+    to (E[y|x] - x, -z) with E[y|x] the PFGM++ posterior mean at D = 1, r = z (see the module docstring), so
+    D(x, sigma = z) = x - z v_x / v_z, and every sampler of this project runs PFGM networks. The PFGM
+    sampling settings travel with the network: sigma_max = z_max, sigma_min = z_min, upper_norm (the prior's
+    norm is clipped there), gamma and z_exp (below z_exp, v_z is derived from |v_x|, PFGM App. B.2.3).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    z_min = float(net.sigma_min if z_min is None else z_min)
-    z_max = float(net.sigma_max if z_max is None else z_max)
-    if not 0 < z_min < z_max < math.inf:
-        raise ValueError(f"need 0 < z_min < z_max < inf, got {z_min} and {z_max}")
-    if solver == "rk45":
-        return sampling.sample_rk45(net, latents, class_labels, z_min, z_max, rtol, atol, denoise)
-    if int(num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    drift = sampling.log_sigma_drift(net, class_labels)
-    t = torch.linspace(math.log(z_max), math.log(z_min), int(num_steps) + 1, dtype=torch.float64).tolist()
-    solution = ode.fixed_step(drift, latents.to(torch.float64), t, solver)
-    x, nfe = solution.y, solution.nfe
-    if denoise:
-        x, nfe = x - drift(t[-1], x), nfe + 1
-    return x.to(latents.dtype), nfe
 
+    loss_class = PFGMLoss
+    training_options = ("pfgm_M", "tau", "gamma", "sigma_end", "z_max", "z_min", "upper_norm", "z_exp", "restrict_M")
 
-# ----------------------------------------------------------------------------------------------
-# Command line
+    @classmethod
+    def out_channels(cls, img_channels: int) -> int:
+        """v_x, and one more channel whose spatial mean is v_z."""
+        return img_channels + 1
 
+    @classmethod
+    def training_kwargs(cls, *, D: float, cond: bool, pfgmpp_on: bool, options: dict) -> tuple[float, dict, dict]:
+        """The paper's settings where an option is unset (M, z_max and upper_norm: `complete_config`); D = 1."""
+        if pfgmpp_on:
+            raise ValueError("--precond=pfgm is PFGM (D = 1) with its own objective: drop --pfgmpp/--aug_dim "
+                             "(for the PFGM++ objective at D = 1 use --precond=edm --pfgmpp=1 --aug_dim=1)")
+        if cond:
+            raise ValueError("--precond=pfgm computes its field over an unlabelled reference batch: it cannot be "
+                             "combined with --cond=1")
+        o = {k: options.get(k) for k in cls.training_options}
+        _check_options(o)
+        o = {k: PAPER_SETTINGS[k] if v is None and k in PAPER_SETTINGS else v for k, v in o.items()}
+        loss_kwargs = dict(M=o["pfgm_M"], tau=o["tau"], sigma_end=o["sigma_end"], gamma=o["gamma"], restrict_M=o["restrict_M"])
+        precond_kwargs = dict(D=1.0, sigma_min=o["z_min"], sigma_max=o["z_max"], upper_norm=o["upper_norm"],
+                              gamma=o["gamma"], z_exp=o["z_exp"])
+        return 1.0, precond_kwargs, loss_kwargs
 
-@click.command()
-@click.option("--data", help="Measure the average norm on this dataset (ZIP or folder)", metavar="ZIP|DIR", type=str)
-@click.option("--data_norm", help="Average data norm |y| (y in [-1, 1]) [default: measured on --data]", type=click.FloatRange(min=0, min_open=True))
-@click.option("--resolution", help="Image resolution (without --data)", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--channels", help="Image channels (without --data)", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--sigma_end", help="Smallest perturbation scale", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
-@click.option("--tau", help="Growth of the perturbation scale per unit of m", type=click.FloatRange(min=0, min_open=True), default=0.03, show_default=True)
-@click.option("--max_images", help="Images measured with --data", type=click.IntRange(min=1), default=10000, show_default=True)
-@click.option("--json", "as_json", help="Print JSON", is_flag=True)
-def main(data, data_norm, resolution, channels, sigma_end, tau, max_images, as_json) -> None:
-    """PFGM's hyper-parameter helper: M, z_max and upper_norm from the average data norm and N."""
-    try:
-        N = channels * resolution**2
-        if data is not None:
-            from training.dataset import ImageFolderDataset
+    @classmethod
+    def complete_config(cls, c: dict, dataset) -> None:
+        """M, z_max and upper_norm left unset, from PFGM's helper (`derive_hparams`) on the data."""
+        loss, precond = c["loss_kwargs"], c["precond_kwargs"]
+        if loss["M"] is not None and precond["sigma_max"] is not None and precond["upper_norm"] is not None:
+            return
+        N = dataset.num_channels * dataset.resolution**2
+        derived = derive_hparams(average_norm(dataset), N, loss["sigma_end"], loss["tau"])
+        for kwargs, key, name in ((loss, "M", "M"), (precond, "sigma_max", "z_max"), (precond, "upper_norm", "upper_norm")):
+            if kwargs[key] is None:
+                kwargs[key] = derived[name]
+        if not precond["sigma_min"] < precond["sigma_max"]:
+            raise ValueError(f"--z_min ({precond['sigma_min']}) must be smaller than z_max ({precond['sigma_max']})")
+        c["pfgm_data_norm"] = derived["data_norm"]
 
-            dataset = ImageFolderDataset(path=data)
-            N = dataset.num_channels * dataset.resolution**2
-            data_norm = data_norm or average_norm(dataset, max_images)
-        if data_norm is None:
-            raise ValueError("give --data_norm (CIFAR-10: 32) or --data to measure it")
-        report = derive_hparams(data_norm, N, sigma_end, tau)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    click.echo(f"PFGM hyper-parameters for N = {N}, average data norm {report['data_norm']:.4g}, "
-               f"sigma_end = {sigma_end:g}, tau = {tau:g}:")
-    click.echo(f"  M          = {report['M']}      (train.py --pfgm_M)")
-    click.echo(f"  z_max      = {report['z_max']:.4g}  (train.py --z_max)")
-    click.echo(f"  upper_norm = {report['upper_norm']:.4g}  (train.py --upper_norm)")
+    def __init__(self, model, *, gamma: float = 5.0, z_exp: float = 5.0, upper_norm: float = 3000.0, D: float = 1.0,
+                 **kwargs):
+        if check_D(D) != 1.0:
+            raise ValueError(f"PFGM is D = 1, got D={D}; for PFGM++ at other D use EDMPrecond with that D")
+        if not (gamma >= 0 and z_exp >= 0 and upper_norm > 0):
+            raise ValueError(f"need gamma >= 0, z_exp >= 0 and upper_norm > 0, got {gamma}, {z_exp}, {upper_norm}")
+        kwargs.setdefault("sigma_min", 1e-3)  # PFGM's z_min for CIFAR-10
+        kwargs.setdefault("sigma_max", 40.0)  # PFGM's z_max for CIFAR-10
+        super().__init__(model, D=1.0, **kwargs)
+        self.gamma, self.z_exp, self.upper_norm = float(gamma), float(z_exp), float(upper_norm)
 
+    def field(self, x, z, class_labels=None, force_fp32: bool = False, augment_labels=None):
+        """The predicted normalised field (v_x [B, C, H, W], v_z [B]) at (x, z), float32."""
+        x, z, class_labels, dtype = self._inputs(x, z, class_labels, force_fp32)
+        c_noise = z.log().reshape(-1).expand(x.shape[0])
+        F_x = self.model(x.to(dtype), c_noise, class_labels=class_labels, augment_labels=augment_labels).to(torch.float32)
+        return F_x[:, : self.img_channels], F_x[:, self.img_channels].flatten(1).mean(dim=1)
 
-if __name__ == "__main__":
-    main()
+    def z_component(self, v_x: torch.Tensor, v_z: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """v_z, replaced below z_exp by the value |v_x| implies (PFGM App. B.2.3), kept < 0."""
+        if self.z_exp > 0 and self.gamma > 0:
+            scale = math.sqrt(v_x[0].numel() + 1)  # the target's sqrt(N + 1) (`normalized_field`)
+            # |v_x| / scale ~ |E| / (|E| + gamma) gives |E|; then v_z = -scale z / (|(E, z)| + gamma).
+            ratio = (v_x.flatten(1).norm(dim=1) / scale).clamp(max=1 - 1e-6)
+            norm = self.gamma * ratio / (1 - ratio)
+            implied = -scale * z / ((norm.square() + z.square()).sqrt() + self.gamma)
+            v_z = torch.where(z < self.z_exp, implied, v_z)
+        return v_z.clamp(max=-_V_Z_CEILING)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, augment_labels=None,
+                return_field: bool = False):
+        """D(x, sigma) = x - sigma v_x / v_z with z = sigma; with return_field, the field (v_x, v_z) itself."""
+        v_x, v_z = self.field(x, sigma, class_labels, force_fp32, augment_labels)
+        if return_field:
+            return v_x, v_z
+        x = x.to(torch.float32)
+        z = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        ratio = z / self.z_component(v_x, v_z, z)
+        return x - ratio.reshape(-1, *([1] * (x.ndim - 1))) * v_x

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import PIL.Image
 
-from training.dataset import DatasetError
+from training.datasets.format import DatasetError
 
 TRANSFORMS = ("center-crop", "center-crop-wide", "pad")
 CHANNELS = ("keep", "rgb", "gray")

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from dnnlib import util
+from torch_utils import distributed
 from training import legacy
 
 DEFAULT_URL = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
@@ -131,6 +132,11 @@ def load_detector(
         warnings.warn(f"{DEFAULT_URL} holds Python source, which is never run here; using {TORCHSCRIPT_URL}")
         return load_detector(TORCHSCRIPT_URL, device, cache, progress, None, **download_kwargs)
     return Detector(module, device=device, source=where)
+
+
+def load_shared(source: str | os.PathLike | None, device: torch.device | str) -> Detector:
+    """`load_detector` on every rank, rank 0 first: a download into the shared cache happens once."""
+    return distributed.main_first(lambda: load_detector(source, device=device, progress=distributed.is_main()))
 
 
 def read_module(path: str | os.PathLike) -> torch.jit.ScriptModule:

@@ -1,0 +1,86 @@
+"""The dataset format (EDM/StyleGAN): names, labels file and pixel layout.
+
+A dataset is an uncompressed ZIP, or a folder, of PNG images that all have the same resolution and
+channel count, named `00000/img00000000.png` (1000 per subfolder), plus an optional `dataset.json`:
+
+    {"labels": [["00000/img00000000.png", 6], ["00000/img00000001.png", 9], ...]}
+
+or `{"labels": null}` when unlabelled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePosixPath
+
+import numpy as np
+import PIL.Image
+
+LABELS_FILE = "dataset.json"
+IMAGES_PER_FOLDER = 1000
+
+
+class DatasetError(ValueError):
+    """A dataset or a dataset source is unusable; the message says what is wrong and what to do."""
+
+
+def archive_name(index: int) -> str:
+    """The name of image `index` inside a dataset: 1234 -> '00001/img00001234.png'."""
+    return f"{index // IMAGES_PER_FOLDER:05d}/img{index:08d}.png"
+
+
+def _readable_extensions() -> frozenset[str]:
+    """File extensions of the image formats PIL can open ('.png', '.jpg', ...)."""
+    PIL.Image.init()
+    return frozenset(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
+
+
+def is_image_name(name: str) -> bool:
+    """True for a relative name with an image extension and no hidden part ('.x', '__MACOSX')."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if any(part.startswith(".") or part == "__MACOSX" for part in path.parts):
+        return False
+    return path.suffix.lower() in _readable_extensions()
+
+
+def labels_json(labels: list[tuple[str, int]] | None) -> str:
+    """The text of dataset.json: {"labels": [[name, int], ...]} or {"labels": null}."""
+    return json.dumps({"labels": None if labels is None else [[name, int(label)] for name, label in labels]})
+
+
+def parse_labels_json(text: str | bytes, where: str) -> dict[str, int] | None:
+    """Read dataset.json text into {name: class index}, or None for "labels": null; `where` names the file."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{where} is not valid JSON ({error}); fix it or delete it") from None
+    if not isinstance(data, dict) or "labels" not in data:
+        raise DatasetError(f'{where} must be an object with a "labels" key: {{"labels": [["name.png", 3], ...]}}')
+    entries = data["labels"]
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise DatasetError(f'{where}: "labels" must be a list of [name, class index] pairs or null')
+    labels: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+        if not ok or isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0:
+            raise DatasetError(
+                f'{where}: labels entry {i} is {json.dumps(entry)[:80]}; expected ["name.png", class index >= 0]'
+            )
+        name = entry[0].replace("\\", "/")
+        if name in labels:
+            raise DatasetError(f"{where}: {name!r} is labelled twice (entries of the same name)")
+        labels[name] = entry[1]
+    return labels
+
+
+def image_array(image: PIL.Image.Image, where: str) -> np.ndarray:
+    """An 8-bit grayscale ('L') or RGB PIL image as a uint8 CHW array."""
+    if image.mode not in ("L", "RGB"):
+        raise DatasetError(
+            f"{where} is a {image.mode} image; datasets hold 8-bit grayscale or RGB PNGs. "
+            "Rebuild it with dataset_tool.py (--channels=rgb or --channels=gray converts)"
+        )
+    array = np.asarray(image, dtype=np.uint8)
+    return array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)

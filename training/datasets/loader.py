@@ -1,0 +1,196 @@
+"""The loader training reads a dataset with (training/datasets/format.py describes the format).
+
+`ImageFolderDataset` reads datasets written by dataset_tool.py, also those written by EDM's tool, and
+yields `(image uint8 CHW, label float32 one-hot)`.
+It is a map-style dataset (`__len__`, `__getitem__`) for `torch.utils.data.DataLoader`; it needs no
+torch itself and knows nothing of distributed sampling.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from training.datasets.format import LABELS_FILE, DatasetError, image_array, is_image_name, parse_labels_json
+
+
+class ImageFolderDataset:
+    """Images and labels of a dataset ZIP or folder: item i is (uint8 [C, H, W], float32 [label_dim])."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resolution: int | None = None,
+        use_labels: bool = False,
+        max_size: int | None = None,
+        xflip: bool = False,
+        cache: bool = False,
+        random_seed: int = 0,
+        cache_limit_gib: float = 8.0,
+    ) -> None:
+        self._path = os.fspath(path)
+        self._cache = cache
+        self._cached: dict[int, np.ndarray] = {}
+        self._cache_left = int(cache_limit_gib * 2**30)  # per process: decoded images beyond it are not kept
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+        if os.path.isdir(self._path):
+            self._is_zip = False
+            names = [
+                os.path.relpath(os.path.join(root, f), self._path).replace("\\", "/")
+                for root, _dirs, files in os.walk(self._path)
+                for f in files
+            ]
+        elif os.path.isfile(self._path) and zipfile.is_zipfile(self._path):
+            self._is_zip = True
+            names = [info.filename for info in self._zipfile().infolist() if not info.is_dir()]
+        else:
+            what = "does not exist" if not os.path.exists(self._path) else "is neither a folder nor a ZIP"
+            raise DatasetError(f"dataset {self._path} {what}; build one with dataset_tool.py (see docs/datasets.md)")
+        self._image_names = sorted(n for n in names if is_image_name(n))  # EDM's order: plain string sort
+        if not self._image_names:
+            raise DatasetError(f"dataset {self._path} holds no images")
+        self._image_shape = list(self._load_image(0).shape)
+        self._check_shape(resolution)
+        self._labels = self._load_labels(LABELS_FILE in names) if use_labels else None
+        self._label_dim = 0 if self._labels is None else int(self._labels.max()) + 1
+        self._close_zip()  # reopened lazily in each process that reads (DataLoader workers)
+
+        # max_size picks the same subset as EDM (seeded shuffle, then sorted); xflip appends mirrors.
+        self._raw_idx = np.arange(len(self._image_names), dtype=np.int64)
+        if max_size is not None and max_size < self._raw_idx.size:
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
+            self._raw_idx = np.sort(self._raw_idx[:max_size])
+        self._xflip = np.zeros(self._raw_idx.size, dtype=bool)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    def _check_shape(self, resolution: int | None) -> None:
+        """The first image fixes the shape: square, and of `resolution` when one is asked for."""
+        c, h, w = self._image_shape
+        where = f"{self._path}: {self._image_names[0]}"
+        if h != w:
+            raise DatasetError(f"{where} is {w}x{h}; training needs square images (dataset_tool.py --resolution)")
+        if resolution is not None and h != resolution:
+            raise DatasetError(
+                f"dataset {self._path} has {w}x{h} images but resolution={resolution} was asked for; "
+                f"rebuild it with dataset_tool.py --resolution={resolution}x{resolution}"
+            )
+
+    def _load_labels(self, present: bool) -> np.ndarray:
+        """Class indices of the images in order, from dataset.json; an error if there are none."""
+        table = None
+        if present:
+            with self._open(LABELS_FILE) as f:
+                table = parse_labels_json(f.read(), f"{self._path}: {LABELS_FILE}")
+        if table is None:
+            reason = "has no dataset.json" if not present else 'has "labels": null in dataset.json'
+            raise DatasetError(
+                f"dataset {self._path} {reason}, so it cannot be used with labels (use_labels / --cond=1); "
+                "train unconditionally, or rebuild it with labels (dataset_tool.py --labels-from-folders "
+                "or a dataset.json in the source folder)"
+            )
+        missing = [n for n in self._image_names if n not in table]
+        if missing:
+            where = f"{self._path}: {LABELS_FILE}"
+            raise DatasetError(f"{where} has no label for {missing[0]} ({len(missing)} images lack one)")
+        return np.array([table[n] for n in self._image_names], dtype=np.int64)
+
+    def _zipfile(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():  # never share a handle across processes
+            self._zip = zipfile.ZipFile(self._path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def _close_zip(self) -> None:
+        if self._zip is not None and self._zip_pid == os.getpid():
+            self._zip.close()
+        self._zip, self._zip_pid = None, None
+
+    def _open(self, name: str):
+        if self._is_zip:
+            return self._zipfile().open(name, "r")
+        return open(os.path.join(self._path, name), "rb")
+
+    def _load_image(self, raw_idx: int) -> np.ndarray:
+        name = self._image_names[raw_idx]
+        where = f"{self._path}: {name}"
+        try:
+            with self._open(name) as f, PIL.Image.open(f) as image:
+                image.load()
+                return image_array(image, where)
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+            if isinstance(error, DatasetError):
+                raise
+            raise DatasetError(f"cannot read {where} ({error}); rebuild the dataset with dataset_tool.py") from None
+
+    def close(self) -> None:
+        """Close the ZIP handle of this process (it reopens on the next read)."""
+        self._close_zip()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    def __len__(self) -> int:
+        return int(self._raw_idx.size)
+
+    def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        raw_idx = int(self._raw_idx[idx])
+        image = self._cached.get(raw_idx)
+        if image is None:
+            image = self._load_image(raw_idx)
+            if list(image.shape) != self._image_shape:
+                c, h, w = image.shape
+                raise DatasetError(
+                    f"{self._path}: {self._image_names[raw_idx]} is {w}x{h} with {c} channels but the dataset's "
+                    f"first image is {self._image_shape[2]}x{self._image_shape[1]} with {self._image_shape[0]}; "
+                    "rebuild it with dataset_tool.py (--resolution, --channels) so all images agree"
+                )
+            if self._cache and image.nbytes <= self._cache_left:
+                self._cached[raw_idx] = image
+                self._cache_left -= image.nbytes
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def get_label(self, idx: int) -> np.ndarray:
+        """The label of item `idx`: one-hot float32 [label_dim], or float32 [0] without labels."""
+        onehot = np.zeros([self.label_dim], dtype=np.float32)
+        if self._labels is not None:
+            onehot[self._labels[self._raw_idx[idx]]] = 1
+        return onehot
+
+    @property
+    def name(self) -> str:
+        """The dataset's file or folder name without extension ('cifar10-32x32')."""
+        return os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
+
+    @property
+    def image_shape(self) -> list[int]:
+        """[C, H, W]."""
+        return list(self._image_shape)
+
+    @property
+    def num_channels(self) -> int:
+        """1 (grayscale) or 3 (RGB)."""
+        return self._image_shape[0]
+
+    @property
+    def resolution(self) -> int:
+        """Height = width of the images."""
+        return self._image_shape[1]
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes (largest label + 1), or 0 without labels."""
+        return self._label_dim
+
+    @property
+    def has_labels(self) -> bool:
+        """True when the dataset was opened with use_labels (which requires labels)."""
+        return self._labels is not None

@@ -1,0 +1,31 @@
+"""The metric protocol: what a metric needs from the statistics of the evaluated images and from the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from training.metrics.features import KEEPS
+
+REFERENCE_NEEDS = ("moments", "features")  # mu and sigma (every reference file), or the features themselves
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric.
+
+    `compute(stats, reference, seed) -> {name: value}` reads the evaluated images' `FeatureStats` (moments
+    always; the per-image rows named in `keeps`) and, when `reference` is set, the `Reference` (its
+    moments, or its features); `seed` seeds any random subsets.
+    """
+
+    compute: Callable[..., dict]
+    keeps: frozenset[str] = frozenset()
+    reference: str | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.keeps <= set(KEEPS):
+            raise ValueError(f"a metric can keep {', '.join(KEEPS)}, not {sorted(self.keeps)}")
+        if self.reference is not None and self.reference not in REFERENCE_NEEDS:
+            raise ValueError(f"a metric's reference need is one of {', '.join(REFERENCE_NEEDS)} or None, got {self.reference!r}")

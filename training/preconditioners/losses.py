@@ -1,0 +1,111 @@
+"""The loss protocol, and the denoising loss that EDM (PFGM++), VP and VE share: one perturbation path for every D.
+
+A loss is a callable `loss_fn(net, images, labels=None, augment_pipe=None, generator=None, reference=None,
+draws=None)` returning the per-element loss. The training loop draws the random parts of a global batch with
+`loss_fn.draw(shape, device, generator)` (the noise level first: the loop buckets its statistics by it) and
+passes each rank its rows as `draws`; it gathers a reference batch when `loss_fn.needs_reference`, and adds
+`loss_fn.tick_stats(device, steps)` to each tick's statistics. The denoising losses return
+lambda(sigma) ||D_theta(y + n, sigma) - target||^2; given the generator they are deterministic: sigma is drawn
+first, then the kernel noise n ~ p_r (r = sigma sqrt(D); Gaussian at D = inf), so the D = inf path draws
+exactly what EDM's loss draws.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from torch_utils import rng
+from training import pfgmpp
+from training.preconditioners.fp_regularizer import FPRegularizer
+
+
+class Loss:
+    """What the training loop asks of every loss besides calling it (module docstring)."""
+
+    needs_reference = False
+
+    def draw(self, shape, device, generator: rng.Generators = None) -> tuple[torch.Tensor, ...]:
+        """The random parts of a batch of `shape`: (noise level [B], ...) per sample."""
+        raise NotImplementedError
+
+    def tick_stats(self, device, steps: int) -> dict:
+        """Statistics this loss adds to a tick (reduced over ranks), given the tick's optimizer steps."""
+        return {}
+
+
+class KernelLoss(Loss):
+    """Shared path: noise level, augmentation hook, PFGM++ perturbation, target and weight."""
+
+    def __init__(self, D: float = math.inf, stf: bool = False, stf_chunk: int = 1024, fp: dict | None = None):
+        self.D = pfgmpp.check_D(D)
+        self.stf = bool(stf)
+        if stf_chunk < 1:
+            raise ValueError(f"stf_chunk must be >= 1, got {stf_chunk}")
+        self.stf_chunk = int(stf_chunk)
+        self.fp = FPRegularizer(D=self.D, **fp) if fp else None  # FP-Diffusion's score FPE regulariser, off by default
+
+    @property
+    def needs_reference(self) -> bool:
+        """The stable target field averages over a reference batch."""
+        return self.stf
+
+    def tick_stats(self, device, steps: int) -> dict:
+        """The regulariser's terms and its own seconds per step (this rank's), when it is on."""
+        if self.fp is None:
+            return {}
+        fp = self.fp.tick_stats(device)
+        return dict(fp_vector=fp["fp_vector"], fp_scalar=fp["fp_scalar"], fp_sec_per_step=fp["fp_sec"] / max(steps, 1))
+
+    def sample_sigma(self, batch: int, device, generator: rng.Generators = None) -> torch.Tensor:
+        """Training noise levels, Tensor[batch] float32."""
+        raise NotImplementedError
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Loss weight lambda(sigma)."""
+        raise NotImplementedError
+
+    def target(self, y: torch.Tensor, perturbed: torch.Tensor, sigma: torch.Tensor, reference) -> torch.Tensor:
+        """The regression target: y, or with the stable target field E[y | perturbed] over a reference set."""
+        if not self.stf:
+            return y
+        data = y if reference is None else torch.cat([y, reference.to(y.dtype)])
+        return pfgmpp.posterior_mean(perturbed, sigma, self.D, data, chunk=self.stf_chunk)
+
+    def draw(self, shape, device, generator: rng.Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma [B], noise n [B, ...]) for a batch of `shape`: sigma first, then the kernel noise.
+
+        Drawing the whole global batch on every rank and slicing it makes training independent of the
+        number of ranks and of gradient accumulation.
+        """
+        sigma = self.sample_sigma(shape[0], device, generator)
+        noise = pfgmpp.sample_prior(shape, sigma, self.D, generator=generator, device=device)
+        if self.fp is None:
+            return sigma, noise
+        return sigma, noise, self.fp.draw_probes(shape, device, generator)  # the regulariser's Hutchinson probes
+
+    def __call__(self, net, images, labels=None, augment_pipe=None, generator=None, reference=None, draws=None):
+        """Per-element weighted loss; `draws` = (sigma, noise[, probes]) from `draw`, else drawn here from `generator`."""
+        if self.stf and labels is not None:
+            raise ValueError(
+                "the stable target field averages over an unlabelled reference batch: "
+                "train conditional models without stf"
+            )
+        if draws is None:
+            sigma = self.sample_sigma(images.shape[0], images.device, generator)
+        else:
+            sigma, n, *probes = draws
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        if draws is None:
+            n = pfgmpp.sample_perturbation(y, sigma, self.D, generator)
+        perturbed = y + n.to(y.dtype)
+        sigma_b = sigma.reshape(-1, *([1] * (y.ndim - 1)))
+        denoised = net(perturbed, sigma_b, labels, augment_labels=augment_labels)
+        target = self.target(y, perturbed, sigma, reference)
+        loss = self.weight(sigma_b) * (denoised - target) ** 2
+        if self.fp is not None:  # alpha (vector) + beta (scalar) FPE terms, added to every element of the sample
+            probes = probes[0] if draws is not None and probes else self.fp.draw_probes(y.shape, y.device, generator)
+            penalty = self.fp(net, perturbed, sigma, probes, labels, augment_labels)
+            loss = loss + penalty.to(loss.dtype).reshape(sigma_b.shape)
+        return loss
