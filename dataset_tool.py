@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from training.cli import exit_on_signals, user_errors
 from training.datasets import CHANNELS, TRANSFORMS, convert_dataset, open_source, parse_resolution, validate_options
 
 
@@ -71,15 +72,14 @@ def main(source: str, dest: str, **cli: Any) -> None:
     """Convert --source into a dataset for train.py and fid.py (EDM's format).
 
     The kind of --source is recognised from its content. Images are streamed, so memory stays small
-    for any number of them; the output appears at --dest only when it is complete.
+    for any number of them; the output appears at --dest only when it is complete, and what an
+    interrupted run left beside --dest is cleared.
     """
     open_kwargs, output_kwargs, run_kwargs = build_options(**cli)
-    try:
+    with exit_on_signals(), user_errors():  # SIGTERM/SIGHUP: the writer removes its temporary, then exit 128+N
         validate_options(dest, **output_kwargs)  # fail fast, before listing a large source
         opened = open_source(source, **open_kwargs)
         summary = convert_dataset(opened, dest, **output_kwargs, **run_kwargs)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
     click.echo(summary.describe())
 
 

@@ -23,7 +23,8 @@ import click
 from dnnlib import util
 from torch_utils import distributed
 from training import generation, metrics
-from training.cli import SeedList, sampler_options, settings_from_options, user_errors
+from training.cli import exit_on_signals, user_errors
+from training.cli.sampler import SeedList, sampler_options, settings_from_options
 
 _COMMON = [
     click.option("--batch", "batch_size", help="Images per batch per rank", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True),
@@ -46,6 +47,12 @@ def metric_list(ctx, param, value: str) -> list[str]:
         raise click.BadParameter(str(error)) from None
 
 
+def check_output(path: str | None, flag: str, overwrite: bool) -> None:
+    """Before any work: can rank 0, the only writer, write `path`? (`dnnlib.util.check_output`; every rank stops.)"""
+    if path is not None:
+        distributed.main_only(lambda: util.check_output(path, flag, overwrite))
+
+
 def finish(results: dict, record: dict, out: str | None) -> None:
     """Print the results on rank 0 and write them as JSON (atomically) with --out."""
     if not distributed.is_main():
@@ -57,7 +64,7 @@ def finish(results: dict, record: dict, out: str | None) -> None:
             json.dump({"results": results, **record}, f, indent=2)
 
 
-@click.group()
+@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
 def main():
     """FID, KID and Inception Score, EDM-compatible.
 
@@ -71,7 +78,7 @@ def main():
 _EVAL = [
     click.option("--ref", "ref", help="Reference statistics (npz path or URL), or a dataset folder/ZIP", metavar="NPZ|URL|DIR"),
     click.option("--metrics", "wanted", help="Metrics to compute, comma-separated: " + ", ".join(f"{n} ({m.description})" for n, m in metrics.METRICS.items()), metavar="LIST", callback=metric_list, default="fid", show_default=True),
-    click.option("--out", help="Also write the results as JSON", metavar="JSON", type=click.Path(dir_okay=False)),
+    click.option("--out", help="Also write the results as JSON (replacing an existing file)", metavar="JSON", type=click.Path(dir_okay=False)),
 ]
 
 
@@ -92,7 +99,7 @@ def _check_ref(ref, wanted) -> None:
 @click.option("--images", "image_path", help="Images to evaluate", metavar="DIR|ZIP", type=str, required=True)
 @click.option("--num", "--num_images", "num_expected", help="Number of images to use (--num_images under torchrun)", metavar="INT", type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option("--seed", help="Which images to use when there are more than --num", metavar="INT", type=int, default=0, show_default=True)
-@click.option("--workers", help="Image-reading processes per rank", metavar="INT", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--workers", help="Image-reading processes per rank", metavar="INT", type=click.IntRange(min=0), default=lambda: distributed.default_workers(3), show_default="3, fewer where a rank has fewer cores")
 @eval_options
 @common_options
 def calc(image_path, num_expected, seed, workers, ref, wanted, out, batch_size, detector_source):
@@ -100,32 +107,36 @@ def calc(image_path, num_expected, seed, workers, ref, wanted, out, batch_size, 
     _check_ref(ref, wanted)
     device = distributed.init()
 
-    with user_errors():
+    with exit_on_signals(), user_errors():
+        check_output(out, "--out", overwrite=True)
         dataset = metrics.open_images(image_path, num_expected, seed)
         det = metrics.detector.load_shared(detector_source, device)
         needs = metrics.reference_needs(wanted)
-        reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, workers)
-        batches = metrics.dataset_batches(dataset, batch_size, workers)
+        reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, workers, progress=True)
+        batches = metrics.dataset_batches(dataset, batch_size, workers, progress=True)
         results = metrics.evaluate(wanted, metrics.statistics(batches, det, len(dataset), device, wanted), reference, seed)
-    finish(results, dict(images=image_path, num=num_expected, ref=ref, detector=detector_source), out)
+        finish(results, dict(images=image_path, num=num_expected, ref=ref, detector=detector_source), out)
     distributed.shutdown()
 
 
 @main.command()
 @click.option("--data", "dataset_path", help="Dataset to describe", metavar="DIR|ZIP", type=str, required=True)
-@click.option("--dest", help="Where to write the npz", metavar="NPZ", type=click.Path(dir_okay=False), required=True)
+@click.option("--dest", help="Where to write the npz (a new file unless --overwrite)", metavar="NPZ", type=click.Path(dir_okay=False), required=True)
+@click.option("--overwrite", help="Replace --dest if it exists", is_flag=True)
 @click.option("--features", "keep_features", help="Also store the features (needed for KID; large)", metavar="BOOL", type=bool, default=False, show_default=True)
-@click.option("--workers", help="Image-reading processes per rank", metavar="INT", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--workers", help="Image-reading processes per rank", metavar="INT", type=click.IntRange(min=0), default=lambda: distributed.default_workers(3), show_default="3, fewer where a rank has fewer cores")
 @common_options
-def ref(dataset_path, dest, keep_features, workers, batch_size, detector_source):
+def ref(dataset_path, dest, overwrite, keep_features, workers, batch_size, detector_source):
     """Compute reference statistics of a dataset (EDM-compatible npz)."""
     device = distributed.init()
 
-    with user_errors():
+    with exit_on_signals(), user_errors():
+        check_output(dest, "--dest", overwrite)
         dataset = metrics.open_images(dataset_path)
         det = metrics.detector.load_shared(detector_source, device)
         keep = {"features"} if keep_features else set()
-        stats = metrics.compute_stats(metrics.dataset_batches(dataset, batch_size, workers), det, len(dataset), device, keep)
+        batches = metrics.dataset_batches(dataset, batch_size, workers, progress=True)
+        stats = metrics.compute_stats(batches, det, len(dataset), device, keep)
         if distributed.is_main():
             metrics.save_reference(dest, stats, keep_features)
         count = len(dataset)
@@ -154,17 +165,18 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_s
             nfe.append(b.nfe)
             yield b.indices, b.images.permute(0, 3, 1, 2)
 
-    with user_errors():
+    with exit_on_signals(), user_errors():
+        check_output(out, "--out", overwrite=True)
         net = generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx)
         det = metrics.detector.load_shared(detector_source, device)
         needs = metrics.reference_needs(wanted)
-        reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, 3)
+        reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, distributed.default_workers(3), progress=True)
         stats = metrics.statistics(in_memory(net), det, len(seed_list), device, wanted)
         results = metrics.evaluate(wanted, stats, reference, seed_list[0])
-    sampler = dict(solver=settings.solver, **settings.options, nfe_per_batch=sum(nfe) / max(len(nfe), 1))
-    contiguous = seed_list == list(range(seed_list[0], seed_list[-1] + 1))
-    finish(results, dict(network=network, num=len(seed_list), seeds=f"{seed_list[0]}-{seed_list[-1]}" if contiguous else seed_list,
-                         ref=ref, detector=detector_source, sampler=sampler), out)
+        sampler = dict(solver=settings.solver, **settings.options, nfe_per_batch=sum(nfe) / max(len(nfe), 1))
+        contiguous = seed_list == list(range(seed_list[0], seed_list[-1] + 1))
+        finish(results, dict(network=network, num=len(seed_list), seeds=f"{seed_list[0]}-{seed_list[-1]}" if contiguous else seed_list,
+                             ref=ref, detector=detector_source, sampler=sampler), out)
     distributed.shutdown()
 
 

@@ -27,10 +27,12 @@ from pathlib import Path
 import click
 import torch
 
+from dnnlib import util
 from torch_utils import distributed
 from torch_utils.precision import configure as configure_precision
 from training import generation, images
-from training.cli import SeedList, sampler_options, settings_from_options, user_errors
+from training.cli import user_errors
+from training.cli.sampler import SeedList, sampler_options, settings_from_options
 from training.pfgmpp import format_D
 
 
@@ -39,14 +41,22 @@ def image_path(outdir: Path, seed: int, subdirs: bool) -> Path:
     return outdir / (f"{seed - seed % 1000:06d}" if subdirs else "") / f"{seed:06d}.png"
 
 
-def check_writable(outdir: Path) -> None:
-    """Create outdir and prove that a file can be written there, before any sampling."""
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise click.ClickException(f"cannot write to --outdir {outdir}: {error.strerror or error}; choose another folder")
+def check_outputs(outdir: Path | None, grid: str | None, paths, overwrite: bool) -> None:
+    """Before any sampling: --outdir can be written, and no file of the user's (the PNGs or latents to be written,
+    the --grid) is replaced without --overwrite; ValueError saying what to do."""
+    if outdir is not None:
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-test-"):
+                pass
+        except OSError as error:
+            raise ValueError(f"cannot write to --outdir {outdir}: {error.strerror or error}; choose another folder") from None
+        existing = [] if overwrite else [p for p in paths if p.exists()]
+        if existing:
+            raise ValueError(f"--outdir={outdir} already holds {len(existing)} of the files to write ({existing[0].name}, "
+                             "...); pass --overwrite to replace them, or choose another folder")
+    if grid is not None:
+        util.check_output(grid, "--grid", overwrite)
 
 
 def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
@@ -68,9 +78,10 @@ def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
 @click.option("--interpolate", help="Interpolate between two seeds or latent files into --grid", metavar="A,B", type=str)
 @click.option("--frames", help="Images along --interpolate", metavar="INT", type=click.IntRange(min=2), default=8, show_default=True)
 @click.option("--temperature", help="Prior radius scales, one --grid row each", metavar="LIST", callback=lambda ctx, p, v: _floats(v))
+@click.option("--overwrite", help="Replace images, latents or a --grid that exist already", is_flag=True)
 @sampler_options
 def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, latent_format, interpolate, frames,
-         temperature, **opts):
+         temperature, overwrite, **opts):
     """Generate images with seeded, batch-independent sampling."""
     modes = [name for name, value in (("--encode", encode), ("--interpolate", interpolate), ("--temperature", temperature)) if value]
     if len(modes) > 1:
@@ -84,10 +95,9 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
     settings = settings_from_options(opts)
     device = distributed.init()
     outdir = None if outdir is None else Path(outdir)
-    if outdir is not None and distributed.is_main():
-        check_writable(outdir)
-    if grid is not None and distributed.is_main():
-        check_writable(Path(grid).resolve().parent)
+    paths = [] if outdir is None or modes else (image_path(outdir, seed, subdirs) for seed in seeds)
+    with user_errors():  # rank 0 looks; every rank stops with its message
+        distributed.main_only(lambda: check_outputs(outdir, grid, paths, overwrite))
     net = load(network, device, opts, class_idx)
     work = modes[0] if modes and not temperature else f"{len(seeds)} images"
     distributed.print0(f"{type(net).__name__} D={format_D(net.D)}: "
@@ -95,7 +105,7 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
     if modes:
         with user_errors(), configure_precision(opts["precision"], device, generation.PRECISIONS):
             _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
-                         interpolate, frames, temperature)
+                         interpolate, frames, temperature, overwrite)
         distributed.print0("done")
         distributed.shutdown()
         return
@@ -123,13 +133,16 @@ def _floats(text: str | None) -> list[float] | None:
 
 
 def _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
-                 interpolate, frames, temperature) -> None:
+                 interpolate, frames, temperature, overwrite) -> None:
     """--encode, --interpolate or --temperature (training/latents.py); grids are written by rank 0."""
     from training import latents
     from training.datasets import ImageFolderDataset
 
     if encode:
         dataset = ImageFolderDataset(encode, use_labels=bool(net.label_dim))
+        generation.check_image_shape(net, dataset.image_shape, encode)
+        latent_paths = (outdir / f"{i:06d}.{latent_format}" for i in range(len(dataset)))
+        distributed.main_only(lambda: check_outputs(outdir, None, latent_paths, overwrite))
         result = latents.encode_dataset(net, dataset, batch_size, device, outdir, latent_format,
                                         settings.options.get("sigma_min"), settings.options.get("sigma_max"),
                                         progress=True, keep=64 if grid else 0)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import glob
 import hashlib
 import inspect
 import os
 import re
-import tempfile
+import secrets
+import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,14 @@ class EasyDict(dict):
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 
-def parse_int_list(text: str | list[int]) -> list[int]:
-    """Parse '0-3,7,10-11' into [0, 1, 2, 3, 7, 10, 11]; a list passes through."""
+def parse_int_list(text: str | list[int], max_count: int | None = None) -> list[int]:
+    """Parse '0-3,7,10-11' into [0, 1, 2, 3, 7, 10, 11]; a list passes through.
+
+    With `max_count`, more values than that is a ValueError, raised before any list is built.
+    """
     if isinstance(text, list):
         return list(text)
-    values: list[int] = []
+    parts: list[range] = []
     for part in text.split(","):
         part = part.strip()
         match = _RANGE.match(part)
@@ -49,29 +55,79 @@ def parse_int_list(text: str | list[int]) -> list[int]:
             lo, hi = int(match.group(1)), int(match.group(2))
             if hi < lo:
                 raise ValueError(f"range {part!r} ends before it starts; write it as {hi}-{lo}")
-            values.extend(range(lo, hi + 1))
+            parts.append(range(lo, hi + 1))
         elif part.isdigit():
-            values.append(int(part))
+            parts.append(range(int(part), int(part) + 1))
         else:
             raise ValueError(f"cannot read {part!r} in {text!r}: use non-negative integers and ranges such as 0-63,100")
-    return values
+    count = sum(len(r) for r in parts)
+    if max_count is not None and count > max_count:
+        raise ValueError(f"{text!r} lists {count:,} values; at most {max_count:,} are taken at once: split it")
+    return [value for r in parts for value in r]
 
 
 # ----------------------------------------------------------------------------------------------
 # Files: atomic writes and cached downloads.
 
 
+_TEMP_PREFIX = ".tmp-"
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A fresh name beside `path` for writing it: `.tmp-<name>.<host>.<pid>.<random>`, hidden from loaders.
+
+    The host and process id let `stale_temporaries` tell a leftover of a killed writer from a live one.
+    """
+    path = Path(path)
+    return path.with_name(f"{_TEMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
+def _writer_alive(temp: Path, name: str) -> bool:
+    """Whether the process that made `temp` (a `temporary_path` of `name`) may still be writing it."""
+    rest = temp.name[len(_TEMP_PREFIX) + len(name) + 1 :]
+    host, _, pid = rest.rpartition(".")[0].rpartition(".")  # <host>.<pid>.<random>; a host name may hold dots
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's, or not named by this program: leave it
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # the process exists but belongs to someone else
+        return True
+    return True
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporary files or folders of `path` (`temporary_path`) whose writer, on this machine, is no longer running."""
+    path = Path(path)
+    prefix = f"{_TEMP_PREFIX}{path.name}."
+    found = [p for p in path.parent.glob(f"{glob.escape(prefix)}*") if p.name.startswith(prefix)]
+    return [p for p in found if not _writer_alive(p, path.name)]
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder tree; nothing if it is gone already."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """Open a temporary file beside `path`; on success fsync it and rename it onto `path`.
 
-    On any error the temporary file is removed and `path` is left as it was, so a reader never sees
-    a half-written file (a killed process leaves only a `.tmp-*` file that no loader picks up).
+    On any error (a signal turned into an exception included) the temporary file is removed and `path`
+    is left as it was, so a reader never sees a half-written file. A killed process leaves only a
+    `.tmp-*` file that no loader picks up and that `stale_temporaries` finds.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    tmp = temporary_path(path)
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, "x" + mode.replace("w", "")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -81,6 +137,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def check_output(path: str | os.PathLike, flag: str, overwrite: bool = False) -> Path:
+    """Check, before any work, that the output file `path` can be written; ValueError saying what to do.
+
+    Its folder must exist and take a new file, it must not be a folder, and an existing file is replaced
+    only with `overwrite` (the CLI's --overwrite). `flag` names the option in messages ('--dest').
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag}={path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{flag}={path} exists; pass --overwrite to replace it, or choose another name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag}={path}: its folder does not exist; create {path.parent} or choose another path")
+    probe = temporary_path(path)
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as error:
+        raise ValueError(f"{flag}={path} cannot be written ({error.strerror or error}); choose another folder") from None
+    probe.unlink()
+    return path
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -98,8 +176,10 @@ def is_url(path_or_url: str | os.PathLike) -> bool:
 
 
 def cache_dir() -> Path:
-    """Where downloads are kept: $PFGMPP_CACHE_DIR, else ~/.cache/pfgmpp."""
-    return Path(os.environ.get("PFGMPP_CACHE_DIR") or Path.home() / ".cache" / "pfgmpp")
+    """Where downloads are kept: $PFGMPP_CACHE_DIR, else $XDG_CACHE_HOME/pfgmpp, else ~/.cache/pfgmpp."""
+    if os.environ.get("PFGMPP_CACHE_DIR"):
+        return Path(os.environ["PFGMPP_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pfgmpp"
 
 
 class DownloadError(ValueError):
@@ -141,6 +221,12 @@ def download(
             if "SHA-256" in str(error):
                 raise  # the server sends the wrong file: retrying will not help
             last_error = error
+        except requests.HTTPError as error:
+            status = error.response.status_code if error.response is not None else None
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                raise DownloadError(f"could not download {url}: the server answered {status} ({error.response.reason}); check the "
+                                    "address, or download the file by hand and pass its local path") from None
+            last_error = error  # 5xx, timeouts, throttling: worth another attempt
         except requests.RequestException as error:
             last_error = error
     raise DownloadError(

@@ -20,7 +20,9 @@
 #   RESUME          --resume=RESUME is added unless the arguments have --resume or --transfer
 #                   [auto: continue from the newest state of the run; empty: add nothing]
 #   SCRIPT          the program to run                     [train.py of this repository]
-#   TORCHRUN        the launcher command                   [torchrun]
+#   PYTHON          the Python that has PyTorch            [python3]
+#   TORCHRUN        the launcher command                   [$PYTHON launch/elastic.py: torchrun whose exit
+#                   status is 0 when a job-wide SIGTERM stopped every worker cleanly]
 #   DRY_RUN=1       print the torchrun command instead of running it
 set -euo pipefail
 
@@ -74,9 +76,9 @@ if [[ -n $resume && $(basename "$script") == train.py ]]; then
     ((explicit)) || arguments+=(--resume="$resume")
 fi
 
-read -r -a launcher <<< "${TORCHRUN:-torchrun}"
+read -r -a launcher <<< "${TORCHRUN:-${PYTHON:-python3} $root/launch/elastic.py}"
 command -v "${launcher[0]}" > /dev/null \
-    || die "'${launcher[0]}' not found: activate the environment that has PyTorch (. .venv/bin/activate) or set TORCHRUN"
+    || die "'${launcher[0]}' not found: activate the environment that has PyTorch (. .venv/bin/activate), or set PYTHON or TORCHRUN"
 command=("${launcher[@]}" "${options[@]}" "$script" "${arguments[@]}")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "${command[@]}"

@@ -23,7 +23,7 @@ TINY = ["--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--nblock=1", "--attn=4", "-
         "--workers=0", "--precision=fp32", "--grid=4", "--seed=3"]
 
 
-def make_dataset(path: Path, count: int = 64, resolution: int = 8, labels: bool = True) -> Path:
+def make_dataset(path: Path, count: int = 64, resolution: int = 8, labels: bool = True, channels: int = 3) -> Path:
     """An EDM-format ZIP of smooth random images (and labels), written directly in the format."""
     rng = np.random.default_rng(0)
     names = []
@@ -32,7 +32,7 @@ def make_dataset(path: Path, count: int = 64, resolution: int = 8, labels: bool 
             base = rng.integers(0, 256, size=[1, 1, 3])
             image = np.clip(base + rng.integers(-20, 20, size=[resolution, resolution, 3]), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
-            PIL.Image.fromarray(image).save(buf, format="PNG")
+            PIL.Image.fromarray(image if channels == 3 else image[:, :, 0]).save(buf, format="PNG")
             name = f"00000/img{i:08d}.png"
             z.writestr(name, buf.getvalue())
             names.append([name, i % 4])

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import zipfile
 
 import pytest
@@ -118,7 +119,6 @@ def test_import_of_published_formats(tmp_path, layout):
 
 
 def test_import_refuses_foreign_globals(tmp_path):
-    import os
 
     class Evil:
         def __reduce__(self):
@@ -137,8 +137,55 @@ def test_convert_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert zipfile.is_zipfile(dest) and "D=64.0" in result.output
     assert torch.equal(_outputs(checkpoint.load_network(dest)), _outputs(net))
-    bad = CliRunner().invoke(convert.main, [str(tmp_path / "missing.pkl"), str(dest)])
+    bad = CliRunner().invoke(convert.main, [str(tmp_path / "missing.pkl"), str(tmp_path / "other.pt")])
     assert bad.exit_code == 1 and "no such file" in bad.output and "Traceback" not in bad.output
+
+
+def test_convert_never_replaces_a_file_without_overwrite(tmp_path):
+    src = tmp_path / "net.pt"
+    checkpoint.save_network(src, _net(D=64.0, seed=4))
+    dest = tmp_path / "unrelated.npz"
+    dest.write_bytes(b"a user's file")
+    refused = CliRunner().invoke(convert.main, [str(src), str(dest)])
+    assert refused.exit_code == 1 and "--overwrite" in refused.output and dest.read_bytes() == b"a user's file"
+    done = CliRunner().invoke(convert.main, [str(src), str(dest), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert torch.equal(_outputs(checkpoint.load_network(dest)), _outputs(checkpoint.load_network(src)))
+
+
+def test_safetensors_export_and_import(tmp_path):
+    """A .safetensors snapshot holds the tensors and the configuration JSON in its metadata; it loads back exactly,
+    and the safetensors library itself reads it."""
+    from safetensors import safe_open
+
+    net = _net(D=32.0, seed=6)
+    checkpoint.save_network(tmp_path / "a.pt", net)
+    result = CliRunner().invoke(convert.main, [str(tmp_path / "a.pt"), str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == checkpoint.FORMAT and json.loads(f.metadata()["config"])["D"] == 32.0
+        assert set(f.keys()) == set(net.state_dict())
+    loaded = checkpoint.load_network(tmp_path / "a.safetensors")
+    assert isinstance(loaded, type(net)) and loaded.D == 32.0
+    assert torch.equal(_outputs(loaded), _outputs(net))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="network configuration"):
+        checkpoint.load_network(tmp_path / "foreign.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "truncated-safetensors"])
+def test_a_damaged_network_file_is_a_one_line_error(tmp_path, damage):
+    net = _net(D=32.0, seed=7)
+    suffix = ".safetensors" if "safetensors" in damage else ".pt"
+    checkpoint.save_network(tmp_path / f"good{suffix}", net)
+    data = (tmp_path / f"good{suffix}").read_bytes()
+    (tmp_path / "bad.pt").write_bytes(os.urandom(5000) if damage == "random" else data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match="not a readable|not a network|not a torch checkpoint"):
+        checkpoint.load_network(tmp_path / "bad.pt")
+    result = CliRunner().invoke(convert.main, [str(tmp_path / "bad.pt"), str(tmp_path / "out.pt")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
 def test_load_from_url_uses_the_cache(tmp_path, http_dir, monkeypatch):

@@ -144,9 +144,12 @@ def test_http_500_then_success(server, tmp_path):
     assert _Handler.hits["/flaky/inception.pt"] == 2 and d.feature_dim == 2048
 
 
-def test_missing_file_names_the_address(server, tmp_path):
-    with pytest.raises(util.DownloadError, match="nope.pt"):
-        det.load_detector(f"{server}/plain/nope.pt", cache=tmp_path / "c", progress=False, attempts=1)
+def test_missing_file_names_the_address_at_once(server, tmp_path):
+    """A 404 is the address's fault: one request, no retries, and the message names the address and the status."""
+    _Handler.hits.pop("/plain/nope.pt", None)
+    with pytest.raises(util.DownloadError, match="nope.pt.*404"):
+        det.load_detector(f"{server}/plain/nope.pt", cache=tmp_path / "c", progress=False, attempts=5, backoff_s=5)
+    assert _Handler.hits["/plain/nope.pt"] == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """fid.py end to end with a stand-in detector: calc, ref, gen; gen == generate + calc; 2 ranks == 1 rank."""
 
+import functools
 import json
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +14,9 @@ from click.testing import CliRunner
 
 import fid
 import generate
+from dnnlib import util
 from tests.detector_fixtures import write_detector
-from tests.helpers import tiny_network, torchrun
+from tests.helpers import ROOT, subprocess_env, tiny_network, torchrun
 from training import checkpoint, generation, metrics, samplers
 from training.datasets import ImageFolderDataset
 from training.metrics import detector
@@ -38,6 +43,7 @@ def run(args, ok=True):
     else:
         assert result.exit_code != 0 and "Traceback" not in result.output
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert result.output.rstrip().splitlines()[-1].startswith("Error: "), result.output  # ends in one line
     return result
 
 
@@ -115,6 +121,65 @@ def test_detector_from_the_environment(setup, tmp_path, monkeypatch):
     assert _results(tmp_path / "is.json")["is_mean"] >= 1
 
 
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Files a careless user may pass: broken references, a text file, an empty folder, a random blob."""
+    folder = tmp_path_factory.mktemp("bad")
+    np.savez(folder / "edm.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    (folder / "junk.npz").write_text("junk")
+    (folder / "notes.txt").write_text("not statistics")
+    (folder / "empty").mkdir()
+    (folder / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    np.savez(folder / "small.npz", mu=np.zeros(10), sigma=np.eye(10))  # another detector's dimension
+    whole = (folder / "edm.npz").read_bytes()
+    (folder / "truncated.npz").write_bytes(whole[: len(whole) // 2])
+    bad = {"nan": dict(mu=np.full(2048, np.nan), sigma=np.eye(2048)),
+           "inf": dict(mu=np.zeros(2048), sigma=np.full([2048, 2048], np.inf)),
+           "asymmetric": dict(mu=np.zeros(2048), sigma=np.eye(2048) + np.triu(np.ones([2048, 2048]), 1)),
+           "features": dict(mu=np.zeros(2048), sigma=np.eye(2048), features=np.zeros([4, 10], np.float32))}
+    for name, arrays in bad.items():
+        np.savez(folder / f"{name}.npz", **arrays)
+    return folder
+
+
+def _bad_inputs(s, folder, base_url) -> dict:
+    """Command lines a careless user may type, by case; each must end in a one-line error."""
+    det, edm, images = f"--detector={s['detector']}", f"--ref={folder / 'edm.npz'}", f"--images={s['images']}"
+    missing_det = f"--detector={folder / 'x.pkl'}"  # a check that must come before loading the detector
+    calc = lambda *a: ["calc", images, "--num=24", "--workers=0", *a]  # noqa: E731
+    return {
+        "too_few": ["calc", images, "--num=25", edm, det, "--workers=0"],
+        "no_ref": calc(det),
+        "kid_without_features": calc(edm, "--metrics=kid", det),
+        "bad_metric": ["calc", images, "--metrics=fid,precision", det],
+        "bad_ref": calc(f"--ref={folder / 'junk.npz'}", det),
+        "missing_images": ["calc", f"--images={folder / 'none'}", "--num=24", edm, det, "--workers=0"],
+        "missing_detector": calc(edm, missing_det),
+        "seeds_vs_num": ["gen", f"--network={s['net']}", "--seeds=0-2", "--num=4", edm, det],
+        "gen_class": ["gen", f"--network={s['net']}", "--num=4", "--class=1", edm, det],
+        "images_not_a_dataset": ["calc", f"--images={folder / 'notes.txt'}", "--num=24", edm, det, "--workers=0"],
+        "images_empty": ["calc", f"--images={folder / 'empty'}", "--num=24", edm, det, "--workers=0"],
+        "ref_text_file": calc(f"--ref={folder / 'notes.txt'}", det),
+        "ref_truncated": calc(f"--ref={folder / 'truncated.npz'}", det),
+        "ref_other_detector": calc(f"--ref={folder / 'small.npz'}", det),
+        "ref_nan": calc(f"--ref={folder / 'nan.npz'}", det),
+        "ref_inf": calc(f"--ref={folder / 'inf.npz'}", det),
+        "ref_asymmetric": calc(f"--ref={folder / 'asymmetric.npz'}", det),
+        "ref_features_of_another_size": calc(f"--ref={folder / 'features.npz'}", "--metrics=kid", det),
+        "ref_url_404": calc(f"--ref={base_url}/missing.npz", det),
+        "ref_empty_dataset": calc(f"--ref={folder / 'empty'}", det),
+        "detector_random_file": calc(edm, f"--detector={folder / 'random.bin'}"),
+        "batch_zero": calc(edm, det, "--batch=0"),
+        "gen_unknown_network": ["gen", f"--network={folder / 'nope.pt'}", "--num=4", edm, det],
+        "out_folder_missing": calc(edm, missing_det, f"--out={folder / 'none' / 'r.json'}"),
+        "out_is_a_folder": calc(edm, missing_det, f"--out={folder / 'empty'}"),
+        "gen_out_folder_missing": ["gen", f"--network={folder / 'nope.pt'}", "--num=4", edm, missing_det,
+                                   f"--out={folder / 'none' / 'r.json'}"],
+        "dest_exists": ["ref", f"--data={s['images']}", f"--dest={folder / 'edm.npz'}", missing_det],
+        "dest_folder_missing": ["ref", f"--data={s['images']}", f"--dest={folder / 'none' / 'r.npz'}", missing_det],
+    }
+
+
 @pytest.mark.parametrize("case, message", [
     ("too_few", "found 24 images .* but --num=25"),
     ("no_ref", "--ref is required"),
@@ -125,25 +190,90 @@ def test_detector_from_the_environment(setup, tmp_path, monkeypatch):
     ("missing_detector", "no detector file"),
     ("seeds_vs_num", "lists 3 seeds but --num=4"),
     ("gen_class", "unconditional"),
+    ("images_not_a_dataset", "neither a folder nor a ZIP"),
+    ("images_empty", "holds no images"),
+    ("ref_text_file", "notes.txt: not reference statistics"),
+    ("ref_truncated", "truncated.npz: not reference statistics"),
+    ("ref_other_detector", "small.npz holds statistics of 10 features per image, but the detector gives 2048"),
+    ("ref_nan", "nan.npz: mu holds NaN or inf.*fid.py ref"),
+    ("ref_inf", "inf.npz: sigma holds NaN or inf.*fid.py ref"),
+    ("ref_asymmetric", "asymmetric.npz: sigma is not symmetric.*fid.py ref"),
+    ("ref_features_of_another_size", "features.npz: features .4, 10. do not fit mu .2048,."),
+    ("ref_url_404", "could not download .*missing.npz"),
+    ("ref_empty_dataset", "holds no images"),
+    ("detector_random_file", "not a detector"),
+    ("batch_zero", "--batch"),
+    ("gen_unknown_network", "no such file"),
+    ("out_folder_missing", "--out=.* does not exist"),
+    ("out_is_a_folder", "--out.* is a directory"),
+    ("gen_out_folder_missing", "--out=.* does not exist"),
+    ("dest_exists", "--dest=.* exists; pass --overwrite"),
+    ("dest_folder_missing", "--dest=.* does not exist"),
 ])
-def test_bad_input_gives_a_clear_error(setup, tmp_path, case, message):
+def test_bad_input_gives_a_clear_error(setup, bad_files, http_dir, monkeypatch, case, message):
+    """Every mistake ends in one line naming it, with a non-zero exit; output checks come before any work."""
+    monkeypatch.setattr(util, "download", functools.partial(util.download, attempts=1))  # no retries of a 404
+    result = run(_bad_inputs(setup, bad_files, http_dir[1])[case], ok=False)
+    assert re.search(message, result.output.rstrip().splitlines()[-1]), result.output
+
+
+def test_an_existing_dest_is_replaced_only_with_overwrite(setup, tmp_path):
+    """fid.py ref refuses an existing --dest (left untouched) and replaces it with --overwrite."""
     s = setup
-    np.savez(tmp_path / "edm.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    (tmp_path / "junk.npz").write_text("junk")
-    det = f"--detector={s['detector']}"
-    args = {
-        "too_few": ["calc", f"--images={s['images']}", "--num=25", f"--ref={tmp_path / 'edm.npz'}", det],
-        "no_ref": ["calc", f"--images={s['images']}", "--num=24", det],
-        "kid_without_features": ["calc", f"--images={s['images']}", "--num=24", f"--ref={tmp_path / 'edm.npz'}", "--metrics=kid", det],
-        "bad_metric": ["calc", f"--images={s['images']}", "--metrics=fid,precision", det],
-        "bad_ref": ["calc", f"--images={s['images']}", "--num=24", f"--ref={tmp_path / 'junk.npz'}", det],
-        "missing_images": ["calc", f"--images={tmp_path / 'none'}", "--num=24", f"--ref={tmp_path / 'edm.npz'}", det],
-        "missing_detector": ["calc", f"--images={s['images']}", "--num=24", f"--ref={tmp_path / 'edm.npz'}", f"--detector={tmp_path / 'x.pkl'}"],
-        "seeds_vs_num": ["gen", f"--network={s['net']}", "--seeds=0-2", "--num=4", f"--ref={tmp_path / 'edm.npz'}", det],
-        "gen_class": ["gen", f"--network={s['net']}", "--num=4", "--class=1", f"--ref={tmp_path / 'edm.npz'}", det],
-    }[case]
-    result = run([*args, "--workers=0"] if args[0] != "gen" else args, ok=False)
-    assert re.search(message, result.output), result.output
+    dest = tmp_path / "ref.npz"
+    dest.write_bytes(b"keep me")
+    args = ["ref", f"--data={s['images']}", f"--dest={dest}", f"--detector={s['detector']}", "--workers=0"]
+    run(args, ok=False)
+    assert dest.read_bytes() == b"keep me"
+    run([*args, "--overwrite"])
+    assert metrics.load_reference(dest).count == 24
+
+
+@pytest.mark.parametrize("command", [[], ["calc"], ["ref"], ["gen"]])
+def test_short_help_option(command):
+    """-h works like --help for the group and every subcommand, as in the other CLIs."""
+    result = run([*command, "-h"])
+    assert result.output.startswith("Usage: ") and "-h, --help" in result.output
+
+
+@pytest.mark.parametrize("command", ["calc", "ref"])
+def test_feature_extraction_shows_progress(setup, tmp_path, command):
+    """calc and ref show a bar over the images while the detector runs (gen has generation's bar)."""
+    s = setup
+    args = {"calc": ["calc", f"--images={s['images']}", "--num=24", "--metrics=is"],
+            "ref": ["ref", f"--data={s['images']}", f"--dest={tmp_path / 'ref.npz'}"]}[command]
+    result = run([*args, f"--detector={s['detector']}", "--workers=0", "--batch=5"])
+    assert re.search(r"24/24 \[", result.output), result.output
+
+
+_SIGTERM_DURING_WRITE = """
+import json, os, signal, sys, time
+import numpy as np
+import fid
+
+def killed(*args, **kwargs):
+    f = next(a for a in args if hasattr(a, "write"))
+    f.write(b"partial" if "b" in f.mode else "partial")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+np.savez = killed
+json.dump = killed
+fid.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("command", ["ref", "calc"])
+def test_sigterm_while_writing_leaves_no_temporary_file(setup, tmp_path, command):
+    """SIGTERM during the write of --dest / --out: exit 143, no partial file, no .tmp-* left behind."""
+    s = setup
+    target = tmp_path / ("ref.npz" if command == "ref" else "r.json")
+    args = {"ref": ["ref", f"--data={s['images']}", f"--dest={target}"],
+            "calc": ["calc", f"--images={s['images']}", "--num=24", "--metrics=is", f"--out={target}"]}[command]
+    result = subprocess.run([sys.executable, "-c", _SIGTERM_DURING_WRITE, *args, f"--detector={s['detector']}",
+                             "--workers=0"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, (result.returncode, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], result.stderr
 
 
 def test_calc_picks_a_seeded_subset_like_edm(setup):

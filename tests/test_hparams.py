@@ -180,3 +180,11 @@ def test_cli_rejects_bad_input_without_traceback(args: list[str]) -> None:
     assert isinstance(result.exception, SystemExit)
     assert "Error" in result.output
     assert "Traceback" not in result.output
+
+
+def test_huge_finite_D_reports_finite_moments() -> None:
+    """D = 1e308 is a valid (practically infinite) D: E||x||^2 = sigma^2 N D / (D - 2) must not overflow to inf."""
+    report = transfer_report(1e308, 3072)
+    assert report["prior_mean_square_norm"] == pytest.approx(80.0**2 * 3072, rel=1e-12)
+    result = CliRunner().invoke(main, ["--aug_dim=1e308"])
+    assert result.exit_code == 0 and "inf" not in result.output.split("E||x||^2")[1].splitlines()[0]

@@ -16,13 +16,14 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
-from tests.helpers import ROOT, free_port, snapshot_and_dataset, subprocess_env
+from tests.helpers import ROOT, free_port, make_dataset, snapshot_and_dataset, subprocess_env
 from training import divergence, likelihood, pfgmpp
 from training.cli import likelihood as likelihood_cli
 from training.samplers.levels import flow_range
@@ -199,3 +200,21 @@ def test_cli_errors_are_click_errors(files, tmp_path):
     assert result.exit_code != 0 and "does not exist" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(main, [f"--network={net}", f"--data={data}", f"--out={tmp_path / 'no' / 'x.json'}"])
     assert result.exit_code != 0 and "folder does not exist" in result.output
+    (tmp_path / "folder.json").mkdir()
+    result = CliRunner().invoke(main, [f"--network={net}", f"--data={data}", f"--out={tmp_path / 'folder.json'}"])
+    assert result.exit_code != 0 and "is a directory" in result.output and "Traceback" not in result.output
+    gray = make_dataset(tmp_path / "gray.zip", count=2, resolution=8, labels=False, channels=1)
+    result = CliRunner().invoke(main, [f"--network={net}", f"--data={gray}"])
+    assert result.exit_code != 0 and "takes 8x8 images with 3 channel(s)" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs a folder nobody may write into (Linux /sys)")
+def test_cli_checks_the_output_before_the_work(files, monkeypatch):
+    """An --out that cannot be written fails before any image is evaluated (not with a traceback after)."""
+    from training.cli import likelihood as cli
+
+    net, data = files
+    monkeypatch.setattr(cli, "dataset_bpd", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    result = CliRunner().invoke(cli.main, [f"--network={net}", f"--data={data}", "--out=/sys/pfgmpp-bpd.json"])
+    assert result.exit_code == 1 and "cannot be written" in result.output and "Traceback" not in result.output

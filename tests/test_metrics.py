@@ -119,16 +119,79 @@ def test_reference_round_trip_and_edm_compatibility(tmp_path):
     assert ours.count == 40 and np.array_equal(ours.features, features.numpy())
 
 
-def test_reference_errors(tmp_path):
-    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
-    with pytest.raises(ValueError, match="need 'mu' and 'sigma'"):
-        metrics.load_reference(tmp_path / "bad.npz")
-    (tmp_path / "text.npz").write_text("not an npz")
-    with pytest.raises(ValueError, match="not reference statistics"):
-        metrics.load_reference(tmp_path / "text.npz")
-    np.savez(tmp_path / "obj.npz", mu=np.array([object()]), sigma=np.zeros([1, 1]))
-    with pytest.raises(ValueError, match="not reference statistics"):  # object arrays would need pickle
-        metrics.load_reference(tmp_path / "obj.npz")
+def _truncated_npz(path):
+    np.savez(path, mu=np.zeros(3), sigma=np.eye(3))
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _one_array(path):
+    """A .npy file (one array) under an .npz name."""
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+
+
+_asymmetric = np.eye(3) + np.triu(np.full([3, 3], 0.5), 1)
+
+
+@pytest.mark.parametrize("write, match", [
+    (lambda p: np.savez(p, mean=np.zeros(3)), "need 'mu' and 'sigma'"),
+    (lambda p: p.write_text("not an npz"), "not reference statistics .* not an npz"),  # not numpy's pickle advice
+    (_one_array, "not reference statistics .* not an npz"),
+    (lambda p: np.savez(p, mu=np.array([object()]), sigma=np.zeros([1, 1])), "not reference statistics"),  # needs pickle
+    (_truncated_npz, "not reference statistics"),
+    (lambda p: np.savez(p, mu=np.zeros(3), sigma=np.eye(4)), "do not fit together"),
+    (lambda p: np.savez(p, mu=np.zeros(3), sigma=np.ones([3, 4])), "do not fit together"),
+    (lambda p: np.savez(p, mu=np.array([0, np.nan, 0]), sigma=np.eye(3)), "mu holds NaN or inf.*fid.py ref"),
+    (lambda p: np.savez(p, mu=np.zeros(3), sigma=np.diag([1, np.inf, 1])), "sigma holds NaN or inf.*fid.py ref"),
+    (lambda p: np.savez(p, mu=np.zeros(3), sigma=_asymmetric), "sigma is not symmetric.*fid.py ref"),
+    (lambda p: np.savez(p, mu=np.array(["a", "b"]), sigma=np.eye(2)), "mu holds <U1, not numbers"),
+    (lambda p: np.savez(p, mu=np.zeros(3), sigma=np.eye(3), features=np.zeros([5, 4])), r"features \(5, 4\) do not fit mu \(3,\)"),
+    (lambda p: np.savez(p, mu=np.zeros(3), sigma=np.eye(3), features=np.full([5, 3], np.nan)), "features hold NaN or inf"),
+    (lambda p: np.savez(p, mu=np.zeros(3), sigma=np.eye(3), count=np.arange(2)), "count should be one integer"),
+])
+def test_reference_errors(tmp_path, write, match):
+    """A damaged or foreign npz is refused with a one-line ValueError naming the file."""
+    write(tmp_path / "ref.npz")
+    with pytest.raises(ValueError, match=match) as error:
+        metrics.load_reference(tmp_path / "ref.npz")
+    assert "\n" not in str(error.value) and str(tmp_path / "ref.npz") in str(error.value)
+
+
+def test_a_symmetric_reference_within_rounding_is_accepted(tmp_path):
+    """sigma saved in float32, or with float64 rounding between its halves, is still reference statistics."""
+    sigma = _random_spd(16, 5)
+    sigma[0, 1] += 1e-15
+    np.savez(tmp_path / "r64.npz", mu=np.zeros(16), sigma=sigma)
+    np.savez(tmp_path / "r32.npz", mu=np.zeros(16, np.float32), sigma=_random_spd(16, 6).astype(np.float32))
+    assert metrics.load_reference(tmp_path / "r64.npz").sigma[0, 1] == sigma[0, 1]
+    assert metrics.load_reference(tmp_path / "r32.npz").sigma.dtype == np.float64
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_fid_refuses_non_finite_statistics(bad):
+    """Not 'Eigenvalues did not converge', nor a silent nan: a ValueError saying what is wrong."""
+    s = _random_spd(4, 0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fid_from_stats(np.zeros(4), s, np.array([0, bad, 0, 0]), s)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fid_from_stats(np.zeros(4), np.where(np.eye(4) > 0, bad, s), np.zeros(4), s)
+
+
+def test_fid_refuses_an_asymmetric_covariance():
+    s = _random_spd(4, 0)
+    with pytest.raises(ValueError, match="not symmetric"):
+        fid_from_stats(np.zeros(4), s + np.triu(np.ones([4, 4]), 1), np.zeros(4), s)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_of_the_images_are_refused(bad):
+    """A detector that returns NaN or inf for an image: the statistics say so instead of giving fid nan."""
+    features = torch.randn([10, 4], generator=torch.Generator().manual_seed(1))
+    features[3, 2] = bad
+    stats = metrics.FeatureStats(4, "cpu", capacity=10, keep_features=True)
+    stats.append(features, range(10))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stats.reduce()
 
 
 class _LinearDetector:

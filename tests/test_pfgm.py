@@ -257,3 +257,24 @@ def test_short_training_run_lowers_the_loss_and_samples(tmp_path):
         x = samplers.sample(net, latents, solver=solver, info=info, **options)
         assert torch.isfinite(x).all() and info.nfe > 0
     assert os.path.exists(tmp_path / "run" / "samples-000001.png")
+
+
+@pytest.mark.parametrize("option", ["--data_norm=inf", "--tau=inf", "--sigma_end=nan"])
+def test_hparams_cli_refuses_non_finite_values_in_one_line(option):
+    result = CliRunner().invoke(pfgm_hparams.main, ["--data_norm=32", option])
+    assert result.exit_code != 0 and "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+    assert "finite" in result.output or "Invalid value" in result.output, result.output
+
+
+@pytest.mark.parametrize("solver, options", [("pfgm_euler", dict(num_steps=8)), ("pfgm_rk45", {})])
+def test_a_z_range_beyond_the_network_is_clamped_for_prior_and_sampler_alike(solver, options):
+    """z_max above the network's (or z_min below it) is the network's own, for the prior and the solver alike."""
+    data = _points(4, shape=(3, 2, 2)).float()
+    net = _pfgm_net(data, sigma_max=40.0, sigma_min=0.01)
+
+    def run(**z_range):
+        latents = samplers.prior_latents(net, rng.seeded_generators(range(3)), solver=solver, **z_range)
+        return latents, samplers.sample(net, latents, solver=solver, **options, **z_range)
+
+    inside, beyond = run(sigma_max=40.0, sigma_min=0.01), run(sigma_max=1000.0, sigma_min=1e-6)
+    assert torch.equal(inside[0], beyond[0]) and torch.equal(inside[1], beyond[1])

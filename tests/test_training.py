@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import train
 from training import checkpoint, training_loop
 
-from tests.helpers import ROOT, TINY, final_state, make_dataset, run_train
+from tests.helpers import ROOT, TINY, final_state, make_dataset, run_train, tiny_network
 from tests.helpers import assert_weights as _assert_weights
 from tests.helpers import subprocess_env as _env
 
@@ -177,7 +177,7 @@ def test_a_failing_state_write_keeps_earlier_states(data, tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        training_loop.write_state(previous, torch.nn.Linear(1, 1), torch.nn.Linear(1, 1),
-                                  torch.optim.Adam(torch.nn.Linear(1, 1).parameters()), 1, 8, {})
+        net = tiny_network()
+        training_loop.write_state(previous, net, net, torch.optim.Adam(net.parameters()), 1, 8, {})
     assert previous.read_bytes() == before and training_loop.read_state(previous)["step"] == state["step"]
     assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == []

@@ -7,9 +7,13 @@ import pytest
 import torch
 
 from dnnlib.util import EasyDict
-from training import stats as stats_lib
+from tests.helpers import make_dataset
 from torch_utils.rng import mixed_seed
-from training.training_loop import GlobalBatchSampler, ema_beta, learning_rate
+from training import config
+from training import stats as stats_lib
+from training.augment import AugmentPipe
+from training.datasets import ImageFolderDataset
+from training.training_loop import GlobalBatchSampler, Trainer, ema_beta, learning_rate
 
 
 def _take(sampler, rounds):
@@ -64,3 +68,43 @@ def test_tick_stats_means_by_sigma_bucket():
     assert out["loss_by_sigma"]["sigma<0.01"] == 2.0 and out["loss_by_sigma"]["sigma>=20"] == 10.0
     assert out["loss_by_sigma"]["1-5"] is None
     assert s.reduce()["steps"] == 0  # reset after each tick
+
+
+def _trainer(tmp_path, **options) -> Trainer:
+    """A Trainer of a tiny DDPM++ on 16 8x8 images, on the CPU."""
+    data = make_dataset(tmp_path / "d.zip", count=16, labels=False)
+    c = config.training_config(data=str(data), arch="ddpmpp", cbase=8, cres="1", nblock=1, attn="", batch=8, workers=0,
+                               precision="fp32", **options)
+    dataset = ImageFolderDataset(**c.dataset_kwargs)
+    c = config.complete(c, dataset)
+    pipe = AugmentPipe(**c.augment_kwargs) if c.augment_kwargs else None
+    return Trainer(c, tmp_path, dataset, torch.device("cpu"), config.build_loss(c), pipe)
+
+
+def test_the_first_step_copies_the_network_into_the_ema_as_edm(tmp_path):
+    """EDM computes the EMA decay from the images seen before a step: 0 at the first, so the EMA becomes the net."""
+    trainer = _trainer(tmp_path, augment=0, dropout=0)
+    trainer.train_step(trainer.batches())
+    for (name, p_ema), p_net in zip(trainer.ema.named_parameters(), trainer.net.parameters()):
+        assert torch.equal(p_ema, p_net), name
+    trainer.train_step(trainer.batches())
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.ema.parameters(), trainer.net.parameters()))
+
+
+def test_the_stable_target_field_averages_over_an_augmented_reference_batch(tmp_path):
+    """With --stf and augmentation, the reference images are augmented like the training images (PFGM++'s code),
+    from (seed, step), so the same on every rank."""
+    trainer = _trainer(tmp_path, augment=0.5, stf=True, rbatch=16, dropout=0)
+    seen = []
+    original = trainer.loss_fn.target
+    trainer.loss_fn.target = lambda y, perturbed, sigma, reference: seen.append(reference) or original(y, perturbed, sigma, reference)
+    references = trainer.batches(16, mixed_seed(trainer.c.seed, 4))
+    raw = torch.cat([images for images, _ in [next(trainer.batches(16, mixed_seed(trainer.c.seed, 4)))]])
+    trainer.train_step(trainer.batches(), references)
+    raw = raw.to(torch.float32) / 127.5 - 1
+    g = torch.Generator().manual_seed(mixed_seed(trainer.c.seed, 0, 6))
+    expected, _ = trainer.augment_pipe(raw, generator=g)
+    assert len(seen) == 1 and torch.equal(seen[0], expected) and not torch.equal(seen[0], raw)
+    (tmp_path / "plain").mkdir()
+    plain = _trainer(tmp_path / "plain", augment=0.5, dropout=0)
+    assert torch.equal(plain.loss_fn.reference_batch(raw, lambda y: (y + 1, None)), raw)  # no STF: not asked, unchanged

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import dnnlib
+from dnnlib import util
 from torch_utils import distributed, rng
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,3 +231,67 @@ def test_distributed_two_gloo_ranks():
         assert r["local"] == r["rank"] and r["main"] == (r["rank"] == 0)
         assert r["sum"] == [3.0] and r["in_place"] and r["device"] == "cpu"
         assert ("PRINT0-MARKER" in out) == (r["rank"] == 0)
+
+
+def test_the_download_cache_follows_the_environment(monkeypatch, tmp_path):
+    """$PFGMPP_CACHE_DIR, else $XDG_CACHE_HOME/pfgmpp (the XDG base directory rule), else ~/.cache/pfgmpp."""
+    monkeypatch.delenv("PFGMPP_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert util.cache_dir() == tmp_path / "home" / ".cache" / "pfgmpp"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert util.cache_dir() == tmp_path / "xdg" / "pfgmpp"
+    monkeypatch.setenv("PFGMPP_CACHE_DIR", str(tmp_path / "own"))
+    assert util.cache_dir() == tmp_path / "own"
+
+
+def test_stale_temporaries_are_those_of_dead_writers_on_this_machine(tmp_path):
+    """A temporary named by a process that has exited is stale; ours, another machine's or a foreign name are not."""
+    target = tmp_path / "data.zip"
+    done = subprocess.Popen(["true"])
+    done.wait()
+    host = socket.gethostname()
+    names = {"dead": f".tmp-data.zip.{host}.{done.pid}.ab12", "live": f".tmp-data.zip.{host}.{os.getpid()}.ab12",
+             "other host": f".tmp-data.zip.elsewhere.{done.pid}.ab12", "foreign": ".tmp-data.zip.ab12cd34",
+             "other target": f".tmp-data.zip2.{host}.{done.pid}.ab12"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in util.stale_temporaries(target)] == [names["dead"]]
+    assert util.temporary_path(target).name.startswith(f".tmp-data.zip.{host}.{os.getpid()}.")
+
+
+def test_check_output_refuses_before_any_work(tmp_path):
+    existing = tmp_path / "ref.npz"
+    existing.write_bytes(b"keep")
+    with pytest.raises(ValueError, match="--overwrite"):
+        util.check_output(existing, "--dest")
+    assert util.check_output(existing, "--dest", overwrite=True) == existing and existing.read_bytes() == b"keep"
+    with pytest.raises(ValueError, match="its folder does not exist"):
+        util.check_output(tmp_path / "no" / "x.npz", "--dest")
+    with pytest.raises(ValueError, match="is a folder"):
+        util.check_output(tmp_path, "--dest")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Files are created as open() creates them (0666 masked by the umask), not 0600 as a private temp file."""
+    mask = os.umask(0o022)
+    try:
+        with util.atomic_write(tmp_path / "x.png") as f:
+            f.write(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "x.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_default_workers_follow_the_cores_of_a_rank(monkeypatch):
+    """No more loader processes than a rank's share of the cores, less one for the rank itself (no DataLoader warning)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert distributed.default_workers(3) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert distributed.default_workers(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.cpus_per_rank() == 8 and distributed.default_workers(16) == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert distributed.default_workers(3) == 0

@@ -244,6 +244,23 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _on_main(fn: Callable[[], object], share: bool) -> tuple[object, str | None]:
+    """fn's result on rank 0 (on every rank with `share`) and rank 0's failure message, on every rank.
+
+    Rank 0 raises its own failure; the others get its message to raise, so nobody waits for a collective.
+    """
+    failure, result = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as error:
+            failure = error
+    message, shared = broadcast_object((None if failure is None else str(failure), result if share else None))
+    if failure is not None:
+        raise failure
+    return (shared if share else result), message
+
+
 def main_first(fn: Callable[[], object]):
     """Run fn on rank 0, then on the other ranks (e.g. a download into the shared cache happens once).
 
@@ -252,15 +269,7 @@ def main_first(fn: Callable[[], object]):
     """
     if not is_initialized():
         return fn()
-    failure, result = None, None
-    if is_main():
-        try:
-            result = fn()
-        except Exception as error:
-            failure = error
-    message = broadcast_object(None if failure is None else str(failure))
-    if failure is not None:
-        raise failure
+    result, message = _on_main(fn, share=False)
     if message is not None:
         raise ValueError(f"rank 0 failed: {message}")
     return result if is_main() else fn()
@@ -274,3 +283,31 @@ def rank_batches(count: int, batch_size: int, rank: int | None = None, world: in
     world = get_world_size() if world is None else world
     starts = range(0, count, batch_size)
     return [range(s, min(s + batch_size, count)) for s in starts][rank::world]
+
+
+def main_only(fn: Callable[[], object]):
+    """Run fn on rank 0 alone and return its result on every rank (it must be picklable).
+
+    An exception on rank 0 is raised there; the other ranks raise a ValueError with its message, so every
+    rank stops with the same reason.
+    """
+    if not is_initialized():
+        return fn()
+    result, message = _on_main(fn, share=True)
+    if message is not None:
+        raise ValueError(message)
+    return result
+
+
+def cpus_per_rank() -> int:
+    """CPU cores this process may use, shared with the other ranks on its node (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1), 1)
+
+
+def default_workers(wanted: int) -> int:
+    """`wanted` data-loading processes, fewer where this rank has fewer cores (one core stays with the rank)."""
+    return max(min(int(wanted), cpus_per_rank() - 1), 0)

@@ -16,6 +16,11 @@ def check(precision: str, allowed=PRECISIONS) -> str:
     return precision
 
 
+def effective(precision: str, device_type: str) -> str:
+    """The arithmetic `precision` gives on a device type: TF32 and fp16 (EDM's CUDA mode) are fp32 on the CPU."""
+    return "fp32" if device_type != "cuda" and precision in ("tf32", "fp16") else precision
+
+
 def set_tf32(enabled: bool) -> None:
     """TF32 for float32 matmuls and convolutions on CUDA (no effect on the CPU)."""
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)

@@ -29,6 +29,7 @@ from dnnlib import util
 from training import legacy, networks, preconditioners
 
 FORMAT, VERSION = "pfgmpp-network", 1
+STATE_FORMAT, STATE_VERSION = "pfgmpp-training-state", 1  # written by training/training_loop.py
 
 
 def _to_json(value: Any) -> Any:
@@ -99,7 +100,8 @@ def build_network(config: dict) -> torch.nn.Module:
         raise ValueError(f"the network config does not fit {model_cls} / {precond_cls}: {error}") from None
 
 
-def _load_strict(net: torch.nn.Module, state_dict: dict, source: str) -> None:
+def load_weights(net: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Copy `state_dict` into `net`, every key and shape matching; a ValueError listing what does not fit."""
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
@@ -115,39 +117,95 @@ def _load_strict(net: torch.nn.Module, state_dict: dict, source: str) -> None:
 
 
 def save_network(path, net: torch.nn.Module, provenance: dict | None = None) -> None:
-    """Write a snapshot of `net` (config and weights) to `path` atomically."""
+    """Write a snapshot of `net` (config and weights) to `path` atomically.
+
+    A `.safetensors` path gets the safetensors format (the tensors, with the configuration JSON in its metadata),
+    any other path this program's `torch.save` format; `load_network` reads both.
+    """
     config = network_config(net, provenance)
-    state_dict = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    state_dict = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save  # noqa: PLC0415 (only this format needs it)
+
+        data = save(state_dict, metadata={"format": FORMAT, "version": str(VERSION), "config": json.dumps(config)})
+        with util.atomic_write(path) as f:
+            f.write(data)
+        return
     payload = {"format": FORMAT, "version": VERSION, "config": json.dumps(config), "state_dict": state_dict}
     with util.atomic_write(path) as f:
         torch.save(payload, f)
 
 
-def _read_native(path: Path):
-    """The native payload, or None when the file is not one (legacy formats fail weights_only)."""
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with the length of their JSON header (8 bytes, little-endian), then the header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(config, state_dict) of a network saved by `save_network` as .safetensors."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except Exception as error:  # noqa: BLE001 (a damaged file; the format holds no code)
+        raise ValueError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0][:200]}); copy it again") from None
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise ValueError(f"{path} holds tensors but not this program's network configuration in its metadata; "
+                         "write it with pfgmpp-convert SRC DEST.safetensors")
+    if metadata.get("version") != str(VERSION):
+        raise ValueError(f"{path}: snapshot format version {metadata.get('version')}; this program reads {VERSION}")
+    return json.loads(metadata["config"]), state_dict
+
+
+def _read_native(path: Path, entry: str | None):
+    """(config, state_dict) of a snapshot (.pt or .safetensors) or training state of this program, or None."""
+    if _is_safetensors(path):
+        return _read_safetensors(path)
     if not zipfile.is_zipfile(path):
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError):
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, zipfile.BadZipFile):
+        return None  # not ours: EDM / PFGM++ pickles fail weights_only
+    if not isinstance(payload, dict):
         return None
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+    if payload.get("format") == FORMAT:
         if payload.get("version") != VERSION:
             raise ValueError(f"{path}: snapshot format version {payload.get('version')}; this program reads {VERSION}")
-        return payload
+        return json.loads(payload["config"]), payload["state_dict"]
+    if payload.get("format") == STATE_FORMAT:  # a training state: its EMA network (or `entry`)
+        if "network" not in payload:
+            raise ValueError(f"{path} is a training state written before states described their network; use the "
+                             "network-snapshot-NNNNNN.pt of the same run")
+        entry = entry or "ema"
+        if entry not in ("ema", "net"):
+            raise ValueError(f"a training state holds the networks 'ema' and 'net', not {entry!r}")
+        return json.loads(payload["network"]), payload[entry]
     return None
 
 
 def read_checkpoint(path_or_url, entry: str | None = None) -> tuple[dict, dict]:
-    """(config, state_dict) from a snapshot or an EDM / PFGM++ checkpoint, by content.
+    """(config, state_dict) from a snapshot or training state of ours, or an EDM / PFGM++ checkpoint, by content.
 
-    `entry` picks the network of a legacy file: 'ema' (default when present) or 'net'.
+    `entry` picks the network of a training state: 'ema' (default when present) or 'net'. A damaged or
+    unknown file is a ValueError that says so; nothing in a file is executed.
     """
     path = util.local_path(path_or_url)
-    payload = _read_native(path)
-    if payload is not None:
-        return json.loads(payload["config"]), payload["state_dict"]
-    data = legacy.safe_load(path)
+    native = _read_native(path, entry)
+    if native is not None:
+        return native
+    try:
+        data = legacy.safe_load(path)
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001 (truncated or foreign bytes fail in many ways; nothing ran)
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable network checkpoint ({reason}); if it was cut short, copy or "
+                         "download it again") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a network checkpoint (a {type(data).__name__}, not a dict)")
     if entry is None:
@@ -181,6 +239,6 @@ def load_network(path_or_url, device="cpu", entry: str | None = None) -> torch.n
     """Rebuild and load a network from any supported file or URL (eval mode, no gradients)."""
     config, state_dict = read_checkpoint(path_or_url, entry)
     net = build_network(config)
-    _load_strict(net, state_dict, str(path_or_url))
+    load_weights(net, state_dict, str(path_or_url))
     net.provenance = config.get("provenance", {})
     return net.eval().requires_grad_(False).to(device)

@@ -8,9 +8,11 @@ preconditioner declares (training/preconditioners/base.py); nothing here names a
 from __future__ import annotations
 
 import inspect
+import json
 import math
 
 from dnnlib.util import EasyDict
+from torch_utils.precision import effective as effective_precision
 from training import divergence, networks, pfgmpp, preconditioners
 from training.augment import AugmentPipe
 from training.preconditioners import fp_regularizer
@@ -169,8 +171,58 @@ def build_loss(c: EasyDict):
     return preconditioners.get(c.precond).loss_class(**c.loss_kwargs)
 
 
-def describe(c: EasyDict, dataset_name: str, world_size: int) -> str:
-    """The run directory's description, EDM-style: data-cond-arch-precond-gpus-batch-precision[-D]."""
+# What a resumed run may change: how long, how often it reports and saves, how it reads the data and how it
+# computes (docs/errors.md). Everything else of the configuration defines the model, the objective, the data
+# order or the optimisation, and must equal the training state's.
+RESUMABLE = ("total_kimg", "kimg_per_tick", "snapshot_ticks", "state_dump_ticks", "workers", "dataset_kwargs.path",
+             "dataset_kwargs.cache", "batch_gpu", "precision", "precond_kwargs.use_fp16", "compile", "channels_last",
+             "grid_count", "grid_steps", "stop_check_steps", "transfer", "cudnn_benchmark", "dist_timeout",
+             "pfgm_data_norm")
+# The train.py option behind a configuration key, for messages.
+FLAGS = {"D": "--pfgmpp/--aug_dim", "precond": "--precond", "network_class": "--arch", "batch_size": "--batch",
+         "network_kwargs.model_channels": "--cbase", "network_kwargs.channel_mult": "--cres",
+         "network_kwargs.num_blocks": "--nblock", "network_kwargs.attn_resolutions": "--attn",
+         "network_kwargs.dropout": "--dropout", "network_kwargs.augment_dim": "--augment", "augment_kwargs": "--augment",
+         "augment_kwargs.p": "--augment", "dataset_kwargs.use_labels": "--cond", "dataset_kwargs.xflip": "--xflip",
+         "lr": "--lr", "lr_rampup_kimg": "--lr_rampup", "ema_halflife_kimg": "--ema", "loss_scaling": "--ls",
+         "seed": "--seed", "stf": "--stf", "rbatch": "--rbatch", "loss_kwargs.P_mean": "--P_mean",
+         "loss_kwargs.P_std": "--P_std", "loss_kwargs.sigma_scale": "--sigma_scale", "loss_kwargs.M": "--pfgm_M",
+         "loss_kwargs.fp": "--fp_reg/--fp_*", "precond_kwargs.sigma_max": "--z_max", "precond_kwargs.sigma_min": "--z_min",
+         "precond_kwargs.upper_norm": "--upper_norm"}
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    """{'a.b': leaf} for nested dicts; other values (lists too) are leaves."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    out = {}
+    for key, item in value.items():
+        out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else json.dumps(value)
+
+
+def resume_mismatches(saved: dict, current: dict) -> list[str]:
+    """What differs, other than `RESUMABLE`, between a training state's saved configuration and this run's, as
+    'flag: state value vs now' phrases (keys only one side has are skipped: another version wrote them)."""
+    a = _flatten(json.loads(json.dumps(saved)))
+    b = _flatten(json.loads(json.dumps(current)))  # the same JSON round trip as the state's copy (inf, tuples)
+    found = []
+    for key in sorted(set(a) & set(b)):
+        if a[key] != b[key] and not any(key == r or key.startswith(f"{r}.") for r in RESUMABLE):
+            name = next((FLAGS[k] for k in (key, key.rpartition(".")[0], key.rpartition(".")[2]) if k in FLAGS), key)
+            phrase = f"{name} {_text(a[key])} in the state, {_text(b[key])} now"
+            if phrase not in found:  # D appears three times (run, preconditioner, loss)
+                found.append(phrase)
+    return found
+
+
+def describe(c: EasyDict, dataset_name: str, world_size: int, device_type: str = "cuda") -> str:
+    """The run directory's description, EDM-style: data-cond-arch-precond[-D]-gpus-batch-precision, with the
+    precision the device actually computes in (a CPU run with the default tf32 is named fp32)."""
     arch = {"SongUNet": "song", "DhariwalUNet": "adm"}.get(c.network_class, c.network_class)
     D = "" if math.isinf(c.D) else f"-D{pfgmpp.format_D(c.D)}"
-    return f"{dataset_name}-{'cond' if c.dataset_kwargs['use_labels'] else 'uncond'}-{arch}-{c.precond}{D}-gpus{world_size}-batch{c.batch_size}-{c.precision}"
+    return f"{dataset_name}-{'cond' if c.dataset_kwargs['use_labels'] else 'uncond'}-{arch}-{c.precond}{D}-gpus{world_size}-batch{c.batch_size}-{effective_precision(c.precision, device_type)}"

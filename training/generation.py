@@ -57,6 +57,15 @@ def check_network(net, aug_dim: float | None = None, pfgmpp: bool | None = None,
             raise ValueError(f"--class={class_idx} is out of range: the network has classes 0-{net.label_dim - 1}")
 
 
+def check_image_shape(net, image_shape, where: str) -> None:
+    """ValueError unless images of `image_shape` [C, H, W] (from `where`) are what the network takes."""
+    expected = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
+    if list(image_shape) != expected:
+        c, h, w = image_shape
+        raise ValueError(f"the network takes {expected[2]}x{expected[1]} images with {expected[0]} channel(s) but {where} "
+                         f"holds {w}x{h} with {c}; use data of the network's shape (dataset_tool.py --resolution, --channels)")
+
+
 def load_network(network: str, device, aug_dim: float | None = None, pfgmpp: bool | None = None,
                  class_idx: int | None = None) -> torch.nn.Module:
     """A network from any supported file or URL, checked against the options that must agree with it.
@@ -68,9 +77,12 @@ def load_network(network: str, device, aug_dim: float | None = None, pfgmpp: boo
     return net
 
 
+MAX_SEEDS = 100_000_000  # per call: a list of them is kept in memory, and so many images take days
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0-63,100' -> [0, ..., 63, 100]: distinct non-negative seeds below 2^63."""
-    seeds = util.parse_int_list(text)
+    """'0-63,100' -> [0, ..., 63, 100]: distinct non-negative seeds below 2^63, at most MAX_SEEDS."""
+    seeds = util.parse_int_list(text, max_count=MAX_SEEDS)
     if not seeds:
         raise ValueError("no seeds given")
     if len(set(seeds)) != len(seeds):

@@ -92,7 +92,7 @@ def _mean_square_norm(D: float, N: int, sigma: float) -> float | None:
     """E||n||^2 = sigma^2 N D / (D - 2) (sigma^2 N at D = inf); None where it is infinite (D <= 2)."""
     if D <= 2:
         return None
-    return sigma**2 * N if math.isinf(D) else sigma**2 * N * D / (D - 2)
+    return sigma**2 * N / (1 - 2 / D)  # = sigma^2 N D / (D - 2), without overflow for D near the float64 limit
 
 
 def _notes_and_warnings(D: float, prior: list[dict]) -> tuple[list[str], list[str]]:

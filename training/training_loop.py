@@ -23,13 +23,14 @@ from pathlib import Path
 import psutil
 import torch
 
+from dnnlib import util
 from dnnlib.util import EasyDict, atomic_write
 from torch_utils import distributed, precision
 from torch_utils.rng import mixed_seed
 from training import checkpoint, images, networks, preconditioners, samplers
 from training.stats import TickStats
 
-STATE_FORMAT, STATE_VERSION = "pfgmpp-training-state", 1
+STATE_FORMAT, STATE_VERSION = checkpoint.STATE_FORMAT, checkpoint.STATE_VERSION
 STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
 
 
@@ -115,13 +116,36 @@ def rewind_stats(run_dir: Path, step: int) -> int:
 
 
 def read_state(path) -> dict:
-    """Load a training state with weights_only=True and check its format."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a training state with weights_only=True and check its format; a ValueError that says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no training state at {path}; give a training-state-NNNNNN.pt of this program, or --resume=auto")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (truncated, random bytes, a pickle that asks for code: nothing ran)
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable training state ({reason}); if it was cut short, resume from an "
+                         "earlier training-state-*.pt or with --resume=auto; to start from the weights of an EDM / "
+                         "PFGM++ checkpoint use --transfer") from None
+    if isinstance(state, dict) and state.get("format") == checkpoint.FORMAT:
+        raise ValueError(f"{path} is a network snapshot, not a training state (it holds no optimizer state): "
+                         f"start a new run from its weights with --transfer={path}")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a training state of this program")
+        raise ValueError(f"{path} is not a training state of this program; give a training-state-NNNNNN.pt it wrote, "
+                         "or start a new run from a network's weights with --transfer")
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: training state version {state.get('version')}; this program reads {STATE_VERSION}")
     return state
+
+
+def stale_outputs(run_dir: Path) -> list[Path]:
+    """Temporary files a killed writer of this run left behind (`dnnlib.util.temporary_path` names).
+
+    Only this run writes into its directory, so at its start every temporary of a run output is stale, also
+    those written before temporaries carried their writer's process id.
+    """
+    names = ("training-state-", "network-snapshot-", "samples-", "stats.jsonl", "training_options.json", "log.txt")
+    return [p for p in Path(run_dir).glob(".tmp-*") if p.name[len(".tmp-"):].startswith(names)]
 
 
 def write_state(path: Path, net, ema, optimizer, step: int, cur_nimg: int, config: dict) -> None:
@@ -130,6 +154,7 @@ def write_state(path: Path, net, ema, optimizer, step: int, cur_nimg: int, confi
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "config": json.dumps(config),
+        "network": json.dumps(checkpoint.network_config(ema)),  # the EMA network, readable like a snapshot
         "step": step,
         "cur_nimg": cur_nimg,
         "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
@@ -146,8 +171,8 @@ def set_precision(c: EasyDict, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = device.type == "cuda" and c.get("cudnn_benchmark", True)
 
 
-def build_networks(c: EasyDict, dataset, device):
-    """The trained network (train mode) and its EMA copy, from the config and the dataset's shape."""
+def build_network(c: EasyDict, dataset, device) -> torch.nn.Module:
+    """The preconditioned network (train mode) a configuration describes, for the dataset's shape."""
     precond = preconditioners.get(c.precond)
     model = networks.build_network(c.network_class, dataset.resolution, dataset.num_channels,
                                    precond.out_channels(dataset.num_channels), label_dim=dataset.label_dim,
@@ -157,8 +182,19 @@ def build_networks(c: EasyDict, dataset, device):
     net.train().requires_grad_(True).to(device)
     if c.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    return net, ema
+    return net
+
+
+def transfer_weights(source: str, *modules: torch.nn.Module) -> None:
+    """Load the weights of a snapshot or checkpoint (ours, EDM's, PFGM++'s) into `modules` of the same architecture."""
+    weights = checkpoint.read_checkpoint(source)[1]
+    for module in modules:
+        checkpoint.load_weights(module, weights, f"--transfer={source}")
+
+
+def check_transfer(c: EasyDict, dataset) -> None:
+    """ValueError, before any run directory exists, unless --transfer's weights fit the network of `c`."""
+    transfer_weights(c.transfer, build_network(c, dataset, torch.device("cpu")))
 
 
 def ema_beta(c: EasyDict, cur_nimg: int) -> float:
@@ -184,9 +220,10 @@ class Trainer:
         self.batch_rank = c.batch_size // self.world
         self.rounds = self.batch_rank // c.batch_gpu
         torch.manual_seed(mixed_seed(c.seed, 5))  # initial weights: a function of the seed, equal on all ranks
-        self.net, self.ema = build_networks(c, dataset, device)
+        self.net = build_network(c, dataset, device)
         if c.get("transfer"):
-            self._transfer(c.transfer)
+            transfer_weights(c.transfer, self.net)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         fused = device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.eps, fused=fused or None)
         self.ddp = self.net
@@ -195,15 +232,6 @@ class Trainer:
         self.model = torch.compile(self.ddp) if c.compile else self.ddp
         self.step, self.cur_nimg = 0, 0
         self.stats = TickStats(device)
-
-    def _transfer(self, source: str) -> None:
-        """Start from the weights of a snapshot (EDM/PFGM++ files too) with the same architecture."""
-        weights = checkpoint.load_network(source).state_dict()
-        try:
-            self.net.load_state_dict(weights)
-            self.ema.load_state_dict(weights)
-        except RuntimeError as error:
-            raise ValueError(f"--transfer={source} does not fit the network being trained: {error}") from None
 
     def resume(self, path: Path) -> None:
         """Load weights, EMA, optimizer and position from a training state."""
@@ -230,10 +258,19 @@ class Trainer:
         return iter(loader)
 
     def _reference(self, references):
+        """The step's reference batch, gathered from every rank, as the loss takes it (augmented, for STF).
+
+        Its augmentation draws from (seed, step), so it is the same on every rank and for any rank count.
+        """
         if references is None:
             return None
         images, _ = next(references)
-        return distributed.all_gather(images.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1)
+        images = distributed.all_gather(images.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1)
+        augment = None
+        if self.augment_pipe is not None:
+            g = torch.Generator(self.device).manual_seed(mixed_seed(self.c.seed, self.step, 6))
+            augment = lambda y: self.augment_pipe(y, generator=g)  # noqa: E731
+        return self.loss_fn.reference_batch(images, augment)
 
     def train_step(self, batches, references=None) -> None:
         """One optimizer step over the global batch, accumulated in rounds of batch_gpu per rank."""
@@ -268,12 +305,14 @@ class Trainer:
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros([], device=self.device)
         self.stats.add_step(norm)
-        for grad in grads:  # non-finite gradients are counted above and zeroed here (EDM zeroes them silently)
+        # Non-finite gradients are counted above (stats.jsonl: nonfinite_grad_steps) and zeroed here. EDM zeroes
+        # NaN but maps +-inf to +-1e5, which Adam turns into a full-size step along the overflow; zero is no step.
+        for grad in grads:
             torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
         self.optimizer.step()
+        beta = ema_beta(c, self.cur_nimg)  # as EDM: from the images seen before this step (0 at the first: a copy)
         self.cur_nimg += c.batch_size
         self.step += 1
-        beta = ema_beta(c, self.cur_nimg)
         with torch.no_grad():
             ema_params = list(self.ema.parameters())
             torch._foreach_lerp_(ema_params, [p.detach() for p in self.net.parameters()], 1 - beta)
@@ -313,7 +352,7 @@ class Trainer:
         nimg, t = self.cur_nimg - tick_start[0], time.time() - tick_start[1]
         peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
         stats.update(tick=tick, kimg=self.cur_nimg / 1000, step=self.step, lr=learning_rate(self.c, self.cur_nimg),
-                     ema_beta=ema_beta(self.c, self.cur_nimg), sec_per_tick=t, sec_per_kimg=t / max(nimg / 1000, 1e-9),
+                     ema_beta=ema_beta(self.c, self.cur_nimg - self.c.batch_size), sec_per_tick=t, sec_per_kimg=t / max(nimg / 1000, 1e-9),
                      img_per_sec=nimg / max(t, 1e-9), peak_gpu_gib=peak_gpu,
                      cpu_rss_gib=psutil.Process().memory_info().rss / 2**30, timestamp=time.time())
         extra = self.loss_fn.tick_stats(self.device, stats["steps"])  # what the loss reports besides its value
@@ -362,6 +401,10 @@ def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, aug
     """Train until c.total_kimg or a stop signal; returns the last tick's statistics."""
     log = logging.getLogger("pfgmpp.train")
     device = distributed.init()
+    if distributed.is_main():
+        for leftover in stale_outputs(Path(run_dir)):
+            util.remove(leftover)
+            log.info(f"removed {leftover.name}, left by a writer that was killed")
     set_precision(c, device)
     trainer = Trainer(c, Path(run_dir), dataset, device, loss_fn, augment_pipe)
     tick = 0

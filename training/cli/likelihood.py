@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import click
 
@@ -18,7 +17,7 @@ from dnnlib import util
 from torch_utils import distributed
 from torch_utils.precision import set_tf32
 from training import generation
-from training.cli import user_errors
+from training.cli import exit_on_signals, user_errors
 from training.datasets import ImageFolderDataset
 from training.likelihood import ESTIMATORS, check_prior, dataset_bpd
 from training.pfgmpp import format_D
@@ -44,12 +43,13 @@ from training.samplers.levels import flow_range
 def main(network, data, out, num, batch_size, seed, workers, per_image, **options):
     """Bits/dim of a dataset under a trained network (any D), on one or many GPUs (torchrun)."""
     device = distributed.init()
-    if out is not None and not Path(out).resolve().parent.is_dir():
-        raise click.ClickException(f"--out={out}: its folder does not exist; create it or choose another path")
     with user_errors():
+        if out is not None:
+            distributed.main_only(lambda: util.check_output(out, "--out", overwrite=True))
         net = generation.load_network(network, device)
         check_prior(net)
         dataset = ImageFolderDataset(data, max_size=num, random_seed=seed, use_labels=bool(getattr(net, "label_dim", 0)))
+        generation.check_image_shape(net, dataset.image_shape, data)
         if options["estimator"] == "exact" and math.prod(dataset.image_shape) > 4096:
             raise ValueError(f"--estimator=exact needs {math.prod(dataset.image_shape)} backward passes per network call; "
                              "use --estimator=rademacher for images this large")
@@ -69,7 +69,7 @@ def main(network, data, out, num, batch_size, seed, workers, per_image, **option
     distributed.print0(f"bits/dim {result['bpd']:.4f} +- {result['bpd_se']:.4f} (standard error, "
                        f"{result['num_images']} images, {result['nfe_per_solve']:.0f} evaluations per solve)")
     if out is not None and distributed.is_main():
-        with util.atomic_write(out, "w") as f:
+        with user_errors(), exit_on_signals(), util.atomic_write(out, "w") as f:
             json.dump(result, f, indent=2)
     distributed.shutdown()
 

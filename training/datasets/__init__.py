@@ -22,6 +22,7 @@ from training.datasets.convert import Summary, convert_dataset, validate_options
 from training.datasets.format import (
     IMAGES_PER_FOLDER,
     LABELS_FILE,
+    MAX_CLASSES,
     DatasetError,
     archive_name,
     image_array,
@@ -33,12 +34,13 @@ from training.datasets.loader import ImageFolderDataset
 from training.datasets.source import Source, SourceItem, SourceKind
 from training.datasets.sources import SOURCES, detect_source, open_source
 from training.datasets.transforms import CHANNELS, TRANSFORMS, parse_resolution
-from training.datasets.writer import check_destination, dataset_writer
+from training.datasets.writer import check_destination, dataset_writer, remove_stale_temporaries
 
 __all__ = [
     "CHANNELS",
     "IMAGES_PER_FOLDER",
     "LABELS_FILE",
+    "MAX_CLASSES",
     "SOURCES",
     "TRANSFORMS",
     "DatasetError",
@@ -58,5 +60,6 @@ __all__ = [
     "open_source",
     "parse_labels_json",
     "parse_resolution",
+    "remove_stale_temporaries",
     "validate_options",
 ]

@@ -17,10 +17,10 @@ from pathlib import Path
 import PIL.Image
 from tqdm import tqdm
 
-from training.datasets.format import LABELS_FILE, DatasetError, archive_name, labels_json
+from training.datasets.format import LABELS_FILE, DatasetError, archive_name, check_class_index, labels_json
 from training.datasets.source import Source, SourceItem
 from training.datasets.transforms import CHANNELS, Transform, make_transform, set_channels
-from training.datasets.writer import check_destination, dataset_writer
+from training.datasets.writer import check_destination, dataset_writer, remove_stale_temporaries
 
 _MAX_EXAMPLES = 5  # skipped files named in the summary
 
@@ -72,6 +72,8 @@ def _check_consistent(summary: Summary, item: SourceItem, image: PIL.Image.Image
     """All images must share size, channels and labelledness with the first."""
     w, h = image.size
     channels = 3 if image.mode == "RGB" else 1
+    if item.label is not None:
+        check_class_index(item.label, item.name)
     if not summary.first_image:
         if w != h:
             raise DatasetError(
@@ -118,8 +120,10 @@ def _load(item: SourceItem, summary: Summary, skip_bad: bool) -> PIL.Image.Image
     """Decode one item; an unreadable file is an error, or with skip_bad counted and None."""
     try:
         return item.load()
-    except (DatasetError, MemoryError):
+    except DatasetError:
         raise
+    except MemoryError:
+        raise DatasetError(f"not enough memory to decode {item.name}; free memory, or remove the image") from None
     except Exception as error:  # any decoding failure (PIL raises OSError, SyntaxError, ValueError, ...)
         if not skip_bad:
             raise DatasetError(
@@ -164,8 +168,12 @@ def convert_dataset(
 ) -> Summary:
     """Stream `source` into a dataset at `dest` (a .zip file or a folder), complete or not at all."""
     options = dict(max_images=max_images, resolution=resolution, transform=transform, channels=channels)
-    path, shape = validate_options(dest, overwrite=overwrite, source_path=source.path, **options)
-    summary = Summary(str(dest), source.description, class_names=source.class_names, notes=list(source.notes))
+    cleaned = remove_stale_temporaries(dest)  # first: a dataset moved aside by a killed run is back before the checks
+    try:
+        path, shape = validate_options(dest, overwrite=overwrite, source_path=source.path, **options)
+    except DatasetError as error:
+        raise DatasetError("; ".join([str(error), *cleaned])) from None
+    summary = Summary(str(dest), source.description, class_names=source.class_names, notes=[*source.notes, *cleaned])
     total = source.size if max_images is None else min(source.size or max_images, max_images)
     items = source.items()
     bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)

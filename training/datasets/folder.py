@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 import zipfile
 from collections.abc import Callable, Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import PIL.Image
 
-from training.datasets.format import LABELS_FILE, DatasetError, is_image_name, parse_labels_json
+from training.datasets.format import LABELS_FILE, DatasetError, is_image_name, list_files, parse_labels_json
 from training.datasets.source import Source, SourceItem, SourceKind, image_from_bytes, image_from_file
 
 
@@ -23,11 +22,7 @@ def _sort_key(name: str) -> list[str]:
 def open_images(path: Path, labels_from_folders: bool, *, kind: str) -> Source:
     """An image folder (recursive; kind "folder") or a ZIP of images ("zip"), labelled by dataset.json or subfolders."""
     if kind == "folder":
-        names = [
-            os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-            for root, _dirs, files in os.walk(path, followlinks=True)
-            for f in files
-        ]
+        names = list_files(path, follow_links=True)
         has_json = (path / LABELS_FILE).is_file()
         read_json = (path / LABELS_FILE).read_bytes
     else:

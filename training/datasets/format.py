@@ -11,6 +11,8 @@ or `{"labels": null}` when unlabelled.
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -18,6 +20,7 @@ import PIL.Image
 
 LABELS_FILE = "dataset.json"
 IMAGES_PER_FOLDER = 1000
+MAX_CLASSES = 2**20  # class indices are below this: a one-hot label of 2**20 floats is 4 MiB per image
 
 
 class DatasetError(ValueError):
@@ -43,9 +46,32 @@ def is_image_name(name: str) -> bool:
     return path.suffix.lower() in _readable_extensions()
 
 
+def list_files(root: str | os.PathLike, follow_links: bool = False) -> list[str]:
+    """The '/'-separated names, relative to `root`, of every file below it; a folder it cannot list is an error."""
+
+    def fail(error: OSError) -> None:
+        elsewhere = "" if os.path.abspath(error.filename) == os.path.abspath(root) else f", or move it out of {root}"
+        raise DatasetError(f"cannot list {error.filename} ({error.strerror or error}); make it readable{elsewhere}")
+
+    return [
+        os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+        for folder, _dirs, files in os.walk(root, onerror=fail, followlinks=follow_links)
+        for name in files
+    ]
+
+
 def labels_json(labels: list[tuple[str, int]] | None) -> str:
     """The text of dataset.json: {"labels": [[name, int], ...]} or {"labels": null}."""
     return json.dumps({"labels": None if labels is None else [[name, int(label)] for name, label in labels]})
+
+
+def check_class_index(label: int, where: str) -> None:
+    """A class index must lie in 0..MAX_CLASSES-1: training one-hot encodes it, so 10**12 would ask for terabytes."""
+    if not 0 <= label < MAX_CLASSES:
+        raise DatasetError(
+            f"{where} has class index {label}, but class indices must lie in 0..{MAX_CLASSES - 1} (labels are "
+            "one-hot encoded); renumber the classes 0..K-1"
+        )
 
 
 def parse_labels_json(text: str | bytes, where: str) -> dict[str, int] | None:
@@ -68,6 +94,7 @@ def parse_labels_json(text: str | bytes, where: str) -> dict[str, int] | None:
             raise DatasetError(
                 f'{where}: labels entry {i} is {json.dumps(entry)[:80]}; expected ["name.png", class index >= 0]'
             )
+        check_class_index(entry[1], f"{where}: labels entry {i}")
         name = entry[0].replace("\\", "/")
         if name in labels:
             raise DatasetError(f"{where}: {name!r} is labelled twice (entries of the same name)")
@@ -75,12 +102,30 @@ def parse_labels_json(text: str | bytes, where: str) -> dict[str, int] | None:
     return labels
 
 
-def image_array(image: PIL.Image.Image, where: str) -> np.ndarray:
-    """An 8-bit grayscale ('L') or RGB PIL image as a uint8 CHW array."""
-    if image.mode not in ("L", "RGB"):
+PNG_HEADER_BYTES = 26  # signature, IHDR length and type, width, height, bit depth, colour type
+
+
+def png_shape(head: bytes) -> tuple[int, int, int] | None:
+    """[C, H, W] of an 8-bit grayscale or RGB PNG from its first PNG_HEADER_BYTES bytes; None for anything else."""
+    if len(head) < PNG_HEADER_BYTES or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:PNG_HEADER_BYTES])
+    channels = {(8, 0): 1, (8, 2): 3}.get((depth, colour))  # PIL's 'L' and 'RGB'; other kinds need PIL to tell
+    return None if channels is None else (channels, height, width)
+
+
+def image_channels(mode: str, where: str) -> int:
+    """1 for PIL mode 'L', 3 for 'RGB'; any other mode is an error, since datasets hold 8-bit grayscale or RGB."""
+    if mode not in ("L", "RGB"):
         raise DatasetError(
-            f"{where} is a {image.mode} image; datasets hold 8-bit grayscale or RGB PNGs. "
+            f"{where} is a {mode} image; datasets hold 8-bit grayscale or RGB PNGs. "
             "Rebuild it with dataset_tool.py (--channels=rgb or --channels=gray converts)"
         )
+    return 1 if mode == "L" else 3
+
+
+def image_array(image: PIL.Image.Image, where: str) -> np.ndarray:
+    """An 8-bit grayscale ('L') or RGB PIL image as a uint8 CHW array."""
+    image_channels(image.mode, where)
     array = np.asarray(image, dtype=np.uint8)
     return array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -8,14 +8,28 @@ torch itself and knows nothing of distributed sampling.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import PIL.Image
+from tqdm import tqdm
 
-from training.datasets.format import LABELS_FILE, DatasetError, image_array, is_image_name, parse_labels_json
+from training.datasets.format import (
+    LABELS_FILE,
+    PNG_HEADER_BYTES,
+    DatasetError,
+    image_array,
+    image_channels,
+    is_image_name,
+    list_files,
+    parse_labels_json,
+    png_shape,
+)
 
 
 class ImageFolderDataset:
@@ -40,11 +54,7 @@ class ImageFolderDataset:
         self._zip_pid: int | None = None
         if os.path.isdir(self._path):
             self._is_zip = False
-            names = [
-                os.path.relpath(os.path.join(root, f), self._path).replace("\\", "/")
-                for root, _dirs, files in os.walk(self._path)
-                for f in files
-            ]
+            names = list_files(self._path)
         elif os.path.isfile(self._path) and zipfile.is_zipfile(self._path):
             self._is_zip = True
             names = [info.filename for info in self._zipfile().infolist() if not info.is_dir()]
@@ -117,17 +127,52 @@ class ImageFolderDataset:
             return self._zipfile().open(name, "r")
         return open(os.path.join(self._path, name), "rb")
 
-    def _load_image(self, raw_idx: int) -> np.ndarray:
-        name = self._image_names[raw_idx]
+    @contextlib.contextmanager
+    def _reading(self, name: str) -> Iterator[str]:
+        """Yield how messages name image `name`; turn a failure to read it into a DatasetError naming it."""
         where = f"{self._path}: {name}"
         try:
-            with self._open(name) as f, PIL.Image.open(f) as image:
-                image.load()
-                return image_array(image, where)
+            yield where
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
             if isinstance(error, DatasetError):
                 raise
             raise DatasetError(f"cannot read {where} ({error}); rebuild the dataset with dataset_tool.py") from None
+
+    def _load_image(self, raw_idx: int) -> np.ndarray:
+        name = self._image_names[raw_idx]
+        with self._reading(name) as where, self._open(name) as f, PIL.Image.open(f) as image:
+            image.load()
+            return image_array(image, where)
+
+    def _header_shape(self, name: str) -> list[int]:
+        """[C, H, W] of an image from its header: a PNG's IHDR chunk, or what PIL reads without decoding."""
+        with self._reading(name) as where, self._open(name) as f:
+            shape = png_shape(f.read(PNG_HEADER_BYTES))
+            if shape is not None:
+                return list(shape)
+            f.seek(0)
+            with PIL.Image.open(f) as image:
+                return [image_channels(image.mode, where), image.height, image.width]
+
+    def _mismatch(self, name: str, shape: list[int]) -> DatasetError:
+        """The error for an image whose shape differs from the first image's."""
+        (c, h, w), (C, H, W) = shape, self._image_shape
+        return DatasetError(
+            f"{self._path}: {name} is {w}x{h} with {c} channels but the dataset's first image is {W}x{H} with {C}; "
+            f"rebuild it with dataset_tool.py (--resolution={W}x{H}, --channels={'gray' if C == 1 else 'rgb'}) "
+            "so all images agree"
+        )
+
+    def check_images(self, progress: bool = False) -> None:
+        """Check, reading only their headers, that every image in use is readable and of the first image's shape."""
+        names = [self._image_names[i] for i in np.unique(self._raw_idx)]
+        try:
+            for name in tqdm(names, unit="img", file=sys.stderr, disable=not progress, desc="checking images", delay=2):
+                shape = self._header_shape(name)
+                if shape != self._image_shape:
+                    raise self._mismatch(name, shape)
+        finally:
+            self._close_zip()  # as after __init__: reopened lazily by each process that reads
 
     def close(self) -> None:
         """Close the ZIP handle of this process (it reopens on the next read)."""
@@ -145,12 +190,7 @@ class ImageFolderDataset:
         if image is None:
             image = self._load_image(raw_idx)
             if list(image.shape) != self._image_shape:
-                c, h, w = image.shape
-                raise DatasetError(
-                    f"{self._path}: {self._image_names[raw_idx]} is {w}x{h} with {c} channels but the dataset's "
-                    f"first image is {self._image_shape[2]}x{self._image_shape[1]} with {self._image_shape[0]}; "
-                    "rebuild it with dataset_tool.py (--resolution, --channels) so all images agree"
-                )
+                raise self._mismatch(self._image_names[raw_idx], list(image.shape))
             if self._cache and image.nbytes <= self._cache_left:
                 self._cached[raw_idx] = image
                 self._cache_left -= image.nbytes

@@ -36,6 +36,8 @@ def open_lmdb(path: Path) -> Source:
                 for key, value in txn.cursor():
                     name = f"{path}[{bytes(key).decode('utf-8', 'replace')}]"
                     yield SourceItem(name, None, functools.partial(image_from_bytes, bytes(value)))
+        except lmdb.Error as error:  # a corrupt or truncated database, found while reading it
+            raise DatasetError(f"cannot read the LMDB database {path} ({error}); copy or download it again") from None
         finally:
             env.close()
 

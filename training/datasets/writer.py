@@ -1,7 +1,9 @@
 """The atomic dataset writer: a ZIP or folder appears at its destination complete, or not at all.
 
-Writing goes to a hidden temporary beside the destination, is synced to disk, and is renamed into
-place only when every file is written; see training/datasets/format.py for what is written.
+Writing goes to a hidden temporary beside the destination (`dnnlib.util.temporary_path`: it names the
+host and process, so a leftover of a killed writer can be told from a live one), is synced to disk,
+and is renamed into place only when every file is written; see training/datasets/format.py for what
+is written. `remove_stale_temporaries` clears what killed writers left.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import secrets
-import shutil
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dnnlib import util
 from training.datasets.format import DatasetError
+
+OLD_PREFIX = ".old-"  # an existing dataset waits under temporary_path(".old-<name>") while its successor moves in
 
 
 def check_destination(dest: str | os.PathLike, *, overwrite: bool, source: str | None = None) -> Path:
@@ -29,6 +32,13 @@ def check_destination(dest: str | os.PathLike, *, overwrite: bool, source: str |
         empty_dir = path.is_dir() and not any(path.iterdir())
         if not empty_dir and not overwrite:
             raise DatasetError(f"--dest {dest} already exists; pass --overwrite to replace it, or choose another")
+    folder = path.parent
+    while not (folder.exists() or folder.is_symlink()):
+        folder = folder.parent  # the writer creates the missing folders below the first existing one
+    if not folder.is_dir():
+        raise DatasetError(f"--dest {dest}: {folder} is a file, not a folder; choose another --dest")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DatasetError(f"--dest {dest}: cannot write in {folder} (no permission, or read-only); choose another one")
     if source is not None:
         src, dst = Path(source).resolve(), path.resolve()
         if src == dst or dst in src.parents:
@@ -36,32 +46,64 @@ def check_destination(dest: str | os.PathLike, *, overwrite: bool, source: str |
     return path
 
 
+def remove_stale_temporaries(dest: str | os.PathLike) -> list[str]:
+    """Clear what killed writers of `dest` left beside it; return notes saying what was done.
+
+    Temporaries whose writer on this machine has ended are removed. A dataset that a killed writer had
+    moved aside (see `_replace`) is removed when `dest` is in place, and otherwise renamed back onto `dest`.
+    """
+    dest = Path(dest).expanduser()
+    if not dest.name or not dest.parent.is_dir():
+        return []
+    notes = []
+    stale = util.stale_temporaries(dest)
+    for path in stale:
+        util.remove(path)
+    if stale:
+        names = ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
+        notes.append(f"removed {len(stale)} temporaries left beside {dest} by interrupted runs ({names})")
+    for old in sorted(util.stale_temporaries(_old_name(dest)), key=lambda p: p.lstat().st_mtime, reverse=True):
+        if dest.exists() or dest.is_symlink():
+            util.remove(old)
+            notes.append(f"removed {old.name}, the previous {dest.name} an interrupted run had replaced")
+        else:
+            os.replace(old, dest)
+            notes.append(f"restored {dest} from {old.name}, where an interrupted run had moved it aside")
+    return notes
+
+
 @contextlib.contextmanager
 def dataset_writer(dest: str | os.PathLike) -> Iterator[Callable[[str, bytes], None]]:
     """Yield write(name, data) into a temporary ZIP or folder beside `dest`, renamed onto `dest` on success.
 
     The ZIP is uncompressed (PNGs do not shrink) with fixed timestamps, so equal inputs give equal
-    bytes. The output is synced to disk before the rename; on any error the temporary is removed and
-    `dest` is left as it was. A killed process leaves only a hidden `.tmp-*` entry.
+    bytes. The output is synced to disk before the rename; on any error (a signal that
+    `training.cli.exit_on_signals` turns into an exit included) the temporary is removed and `dest` is
+    left as it was. A killed process leaves only a hidden `.tmp-*` entry, which `remove_stale_temporaries`
+    clears.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}.{secrets.token_hex(4)}")
+    tmp = util.temporary_path(dest)
+    is_zip = dest.suffix.lower() == ".zip"
     try:
-        if dest.suffix.lower() == ".zip":
-            with open(tmp, "xb") as f:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "xb") if is_zip else tmp.mkdir()
+    except OSError as error:
+        raise DatasetError(f"cannot write {dest} ({error.strerror or error}); choose a --dest you can write") from None
+    try:
+        if is_zip:
+            with f:
                 with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
                     yield lambda name, data: zf.writestr(_zip_info(name), data)
                 f.flush()
                 os.fsync(f.fileno())
         else:
-            tmp.mkdir()
             yield functools.partial(_write_file, tmp)
             if hasattr(os, "sync"):
                 os.sync()  # one flush for all files; an fsync per file would cost hours for a million images
         _replace(tmp, dest)
     except BaseException:
-        _remove(tmp)
+        util.remove(tmp)
         raise
 
 
@@ -78,31 +120,27 @@ def _write_file(root: Path, name: str, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _old_name(dest: Path) -> Path:
+    return dest.with_name(OLD_PREFIX + dest.name)
+
+
 def _replace(tmp: Path, dest: Path) -> None:
     """Rename `tmp` onto `dest`, moving an existing `dest` aside first and deleting it afterwards."""
     old = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".tmp-{dest.name}.old-{secrets.token_hex(4)}")
-        os.replace(dest, old)
     try:
+        if dest.exists() or dest.is_symlink():
+            old = util.temporary_path(_old_name(dest))  # not a temporary of `dest`: never removed as one
+            os.replace(dest, old)
         os.replace(tmp, dest)
     except BaseException:
-        if old is not None:
+        if old is not None and (old.exists() or old.is_symlink()) and not (dest.exists() or dest.is_symlink()):
             os.replace(old, dest)
         raise
     if old is not None:
-        _remove(old)
+        util.remove(old)
     with contextlib.suppress(OSError):  # make the rename durable (not every platform opens folders)
         fd = os.open(dest.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

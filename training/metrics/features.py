@@ -12,11 +12,27 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+import tqdm
 
 from torch_utils import distributed
 from training.datasets import DatasetError, ImageFolderDataset
 
 KEEPS = ("features", "probs")  # per-image rows a metric may ask the statistics to keep
+SYMMETRY_TOLERANCE = 1e-5  # |sigma - sigma^T| allowed, relative to the largest |sigma| entry (float32 rounding and more)
+
+
+def moments_problem(mu: np.ndarray, sigma: np.ndarray) -> str | None:
+    """What makes (mu, sigma) unusable as feature moments (shapes, NaN or inf, asymmetry), or None if nothing."""
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        return f"mu {mu.shape} and sigma {sigma.shape} do not fit together (mu [F], sigma [F, F])"
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(value).all():
+            return f"{name} holds NaN or inf"
+    scale = np.abs(sigma).max(initial=0.0)
+    asymmetry = np.abs(sigma - sigma.T).max(initial=0.0)
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        return f"sigma is not symmetric (|sigma - sigma^T| reaches {asymmetry:.3g}, its entries {scale:.3g}), so not a covariance"
+    return None
 
 
 class FeatureStats:
@@ -43,13 +59,17 @@ class FeatureStats:
             self.probs[index] = probs.to(torch.float32)
 
     def reduce(self) -> FeatureStats:
-        """Sum every statistic over ranks (once, at the end); returns self."""
+        """Sum every statistic over ranks (once, at the end); returns self. NaN or inf features are refused."""
         for t in (self.count, self.sum, self.outer):
             distributed.all_reduce_sum(t)
         if self.features is not None:
             self.features = distributed.assemble(self.features, range(self.capacity), self.capacity)
         if self.probs is not None:
             self.probs = distributed.assemble(self.probs, range(self.capacity), self.capacity)
+        rows = [t for t in (self.sum, self.outer, self.features, self.probs) if t is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in rows):  # every rank holds the same sums: all raise together
+            raise ValueError("the detector returned NaN or inf for some of the images, so no metric of them is "
+                             "meaningful; check the detector (--detector) and the images")
         return self
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
@@ -95,10 +115,20 @@ def open_images(path: str, num: int | None = None, seed: int = 0) -> ImageFolder
     return dataset
 
 
-def dataset_batches(dataset, batch_size: int, workers: int) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """This rank's batches of (positions, uint8 NCHW images), read by `workers` loader processes."""
+def dataset_batches(
+    dataset, batch_size: int, workers: int, progress: bool = False
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """This rank's batches of (positions, uint8 NCHW images), read by `workers` loader processes.
+
+    With `progress`, rank 0 shows a bar over its images, advanced when the next batch is asked for (once the
+    previous one is used), from the positions alone: no host-device synchronisation.
+    """
     batches = [list(b) for b in distributed.rank_batches(len(dataset), batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          prefetch_factor=2 if workers else None)
-    for positions, (images, _labels) in zip(batches, loader):
-        yield positions, images
+    total = sum(len(b) for b in batches)
+    enabled = progress and distributed.is_main()
+    with tqdm.tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True) as bar:
+        for positions, (images, _labels) in zip(batches, loader):
+            yield positions, images
+            bar.update(len(positions))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from training.metrics.base import Metric
+from training.metrics.features import moments_problem
 
 
 def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
@@ -12,7 +13,8 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
     tr (S1 S2)^1/2 = tr (S1^1/2 S2 S1^1/2)^1/2, a symmetric positive semi-definite matrix, so two
     symmetric eigendecompositions give it; eigenvalues at the rounding level, and negative ones, are
-    set to 0, so the result is real even for slightly indefinite or rank-deficient covariances.
+    set to 0, so the result is real even for slightly indefinite or rank-deficient covariances. Statistics
+    with NaN or inf, or a sigma that is not symmetric, are refused (ValueError) rather than giving nan.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -21,6 +23,10 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
             f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}; "
             "were they made with the same detector?"
         )
+    for which, (mu, sigma) in (("first", (mu1, sigma1)), ("second", (mu2, sigma2))):
+        problem = moments_problem(mu, sigma)
+        if problem is not None:
+            raise ValueError(f"no FID from these statistics: in the {which}, {problem}")
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
     root1 = (v * np.sqrt(_numerically_nonnegative(w))) @ v.T
     inner = root1 @ sigma2 @ root1

@@ -3,11 +3,12 @@
 A loss is a callable `loss_fn(net, images, labels=None, augment_pipe=None, generator=None, reference=None,
 draws=None)` returning the per-element loss. The training loop draws the random parts of a global batch with
 `loss_fn.draw(shape, device, generator)` (the noise level first: the loop buckets its statistics by it) and
-passes each rank its rows as `draws`; it gathers a reference batch when `loss_fn.needs_reference`, and adds
-`loss_fn.tick_stats(device, steps)` to each tick's statistics. The denoising losses return
-lambda(sigma) ||D_theta(y + n, sigma) - target||^2; given the generator they are deterministic: sigma is drawn
-first, then the kernel noise n ~ p_r (r = sigma sqrt(D); Gaussian at D = inf), so the D = inf path draws
-exactly what EDM's loss draws.
+passes each rank its rows as `draws`; when `loss_fn.needs_reference` it gathers a reference batch and passes it
+through `loss_fn.reference_batch`; it adds `loss_fn.tick_stats(device, steps)` to each tick's statistics.
+
+The denoising losses return lambda(sigma) ||D_theta(y + n, sigma) - target||^2; given the generator they are
+deterministic: sigma is drawn first, then the kernel noise n ~ p_r (r = sigma sqrt(D); Gaussian at D = inf), so
+the D = inf path draws exactly what EDM's loss draws.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class Loss:
         """Statistics this loss adds to a tick (reduced over ranks), given the tick's optimizer steps."""
         return {}
 
+    def reference_batch(self, images: torch.Tensor, augment_pipe=None) -> torch.Tensor:
+        """The reference batch as this loss averages over it, from the gathered reference images in [-1, 1]."""
+        return images
+
 
 class KernelLoss(Loss):
     """Shared path: noise level, augmentation hook, PFGM++ perturbation, target and weight."""
@@ -50,6 +55,11 @@ class KernelLoss(Loss):
     def needs_reference(self) -> bool:
         """The stable target field averages over a reference batch."""
         return self.stf
+
+    def reference_batch(self, images: torch.Tensor, augment_pipe=None) -> torch.Tensor:
+        """The stable target field's reference set: augmented like the training images it is compared with (as the
+        PFGM++ reference code does), so that E[y | x] is the posterior mean of the distribution being learned."""
+        return augment_pipe(images)[0] if self.stf and augment_pipe is not None else images
 
     def tick_stats(self, device, steps: int) -> dict:
         """The regulariser's terms and its own seconds per step (this rank's), when it is on."""

@@ -129,8 +129,8 @@ def derive_hparams(data_norm: float, N: int, sigma_end: float = 0.01, tau: float
     M = floor(0.75 ln(data_norm^2 / (2 sqrt(N~) sigma_end^2)) / ln(1 + tau)) + 1, z_max = sqrt(2 / pi) s (the
     mean of |eps_z| (1 + tau)^M) and upper_norm = sqrt(N~) s (the typical norm of the largest perturbation).
     """
-    if not (data_norm > 0 and sigma_end > 0 and tau > 0) or int(N) < 1:
-        raise ValueError(f"need data_norm > 0, N >= 1, sigma_end > 0, tau > 0; got {data_norm}, {N}, {sigma_end}, {tau}")
+    if not all(math.isfinite(v) and v > 0 for v in (data_norm, sigma_end, tau)) or int(N) < 1:
+        raise ValueError(f"need finite data_norm > 0, sigma_end > 0, tau > 0 and N >= 1; got {data_norm}, {sigma_end}, {tau}, {N}")
     n_aug = int(N) + 1
     ratio = data_norm**2 / (2 * math.sqrt(n_aug) * sigma_end**2)
     if ratio <= 1:

@@ -2,7 +2,8 @@
 
 A PFGM network's field gives dx/dt = z v_x / v_z = x - D(x, z) (training/preconditioners/pfgm.py), the
 probability-flow ODE in t = ln z; z plays the part of sigma, so the options are named sigma_min and sigma_max
-(z_min and z_max, by default the network's own). PFGM integrates it with RK45 (its default, rtol = atol = 1e-4)
+(z_min and z_max: by default the network's own; values outside the network's range are clamped to it, for the
+prior and the sampler alike, as every sampler here does). PFGM integrates it with RK45 (its default, rtol = atol = 1e-4)
 or with `num_steps` uniform steps of forward or improved Euler, and returns x at z_min; `denoise` takes the
 Euler step on to z = 0 instead (x = D(x, z_min): free with RK45, one evaluation otherwise). The prior is the
 D = 1 kernel at z_max with its norm clipped by the network's upper_norm. Registered as pfgm_rk45, pfgm_euler,
@@ -45,8 +46,9 @@ def sample(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    z_min = float(net.sigma_min if sigma_min is None else sigma_min)
-    z_max = float(net.sigma_max if sigma_max is None else sigma_max)
+    # Clamped to the network's range, as the prior and every other sampler are: the same z_max for both.
+    z_min = max(float(net.sigma_min if sigma_min is None else sigma_min), float(net.sigma_min))
+    z_max = min(float(net.sigma_max if sigma_max is None else sigma_max), float(net.sigma_max))
     if not 0 < z_min < z_max < math.inf:
         raise ValueError(f"need 0 < z_min < z_max < inf, got {z_min} and {z_max}")
     if method == "rk45":
