@@ -217,10 +217,10 @@ def test_config_and_cli_wiring(tmp_path):
         config.training_config(data="x.zip", fp_reg=True, fp_alpha=0, fp_beta=0)
     data = make_dataset(tmp_path / "d.zip", count=8)
     result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", "--fp_reg=1", "--pfgmpp=1",
-                                             "--aug_dim=128", "--dry-run"])
+                                             "--aug_dim=128", "--attn=4", "--dry-run"])
     assert result.exit_code != 0 and "aug_dim=inf" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", "--fp_reg=1", "--fp_beta=0",
-                                             "--precond=ve", "--dry-run"])
+                                             "--precond=ve", "--attn=4", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert '"alpha": 0.15' in result.output and '"beta": 0.0' in result.output
 

@@ -219,7 +219,7 @@ def test_all_gather_concatenates_ranks_in_order(tmp_path):
 class _CifarShape:
     """What `config.complete` reads of a dataset of 32x32 RGB images (their norm is patched in)."""
 
-    num_channels, resolution = 3, 32
+    num_channels, resolution, label_dim = 3, 32, 0
 
 
 def test_config_checks_pfgm_options(monkeypatch):

@@ -106,7 +106,8 @@ def test_truncated_state_is_skipped_with_a_warning(data, tmp_path):
 
 
 def test_dry_run_prints_the_config(data, tmp_path):
-    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", "--pfgmpp=1", "--aug_dim=2048", "--dry-run"])
+    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", "--attn=4", "--pfgmpp=1", "--aug_dim=2048",
+                                             "--dry-run"])
     assert result.exit_code == 0, result.output
     config = json.loads(result.output[: result.output.rindex("}") + 1])
     assert config["D"] == 2048 and config["loss_kwargs"]["D"] == 2048 and config["precond_kwargs"]["D"] == 2048
@@ -131,10 +132,11 @@ def test_dry_run_prints_the_config(data, tmp_path):
         (["--precond=iddpm"], "--precond"),
         (["--resume=missing.pt"], "no such training state"),
         (["--arch=unet"], "arch"),
+        (["--attn=64"], "attn_resolutions [64] do not occur in this network"),  # found before the run, not in it
     ],
 )
 def test_bad_options_are_click_errors(data, tmp_path, args, message):
-    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", *args, "--dry-run"])
+    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", "--attn=4", *args, "--dry-run"])
     assert result.exit_code == 2 if "Invalid value" in result.output or "Usage" in result.output else result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
