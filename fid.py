@@ -105,7 +105,8 @@ def _check_ref(ref, wanted) -> None:
 def calc(image_path, num_expected, seed, workers, ref, wanted, out, batch_size, detector_source):
     """Evaluate a folder or ZIP of images (e.g. from generate.py)."""
     _check_ref(ref, wanted)
-    device = distributed.init()
+    with user_errors():
+        device = distributed.init()
 
     with exit_on_signals(), user_errors():
         check_output(out, "--out", overwrite=True)
@@ -128,7 +129,8 @@ def calc(image_path, num_expected, seed, workers, ref, wanted, out, batch_size, 
 @common_options
 def ref(dataset_path, dest, overwrite, keep_features, workers, batch_size, detector_source):
     """Compute reference statistics of a dataset (EDM-compatible npz)."""
-    device = distributed.init()
+    with user_errors():
+        device = distributed.init()
 
     with exit_on_signals(), user_errors():
         check_output(dest, "--dest", overwrite)
@@ -157,7 +159,8 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_s
     _check_ref(ref, wanted)
     seed_list = _seed_list(seeds, num)
     settings = settings_from_options(opts)
-    device = distributed.init()
+    with user_errors():
+        device = distributed.init()
     nfe = []
 
     def in_memory(net):

@@ -93,7 +93,8 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
     if outdir is None and grid is None:
         raise click.UsageError("give --outdir (one PNG per seed) and/or --grid (one PNG)")
     settings = settings_from_options(opts)
-    device = distributed.init()
+    with user_errors():
+        device = distributed.init()
     outdir = None if outdir is None else Path(outdir)
     paths = [] if outdir is None or modes else (image_path(outdir, seed, subdirs) for seed in seeds)
     with user_errors():  # rank 0 looks; every rank stops with its message

@@ -168,7 +168,8 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
     from training.config import build_loss
     from training.training_loop import training_loop
 
-    distributed.init(timeout_s=c.dist_timeout)
+    with user_errors():
+        distributed.init(timeout_s=c.dist_timeout)
     run_dir = Path(distributed.broadcast_object(str(_run_dir(outdir, run_desc, nosubdir, resume)) if distributed.is_main() else None))
     with user_errors():
         state = distributed.main_only(lambda: _preflight(c, dataset, run_dir, resume))

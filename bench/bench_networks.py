@@ -1,7 +1,7 @@
-"""Benchmark: throughput of the DDPM++, NCSN++ and ADM networks (training.networks).
+"""Benchmark: throughput of the DDPM++, NCSN++, ADM and EDM2-XS networks (training.networks).
 
 For each preset at its published configuration (DDPM++ / NCSN++ CIFAR-10 32x32 with 9 augmentation
-labels, ADM ImageNet 64x64 with 1000 classes) this prints forward (no_grad, eval) and forward+backward
+labels, ADM and EDM2-XS ImageNet 64x64 with 1000 classes) this prints forward (no_grad, eval) and forward+backward
 (train mode, loss = mean square) images per second, and the achieved FLOP/s from the FLOPs counted
 once with torch.utils.flop_counter (multiply-add = 2; attention included) in float32.
 
@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.bench_perturbation import resolve_device, device_name, time_cases  # noqa: E402
 from training.networks import build_network  # noqa: E402
 
-# name: (arch, build keyword arguments, forward GFLOP per image from REFERENCE_FACTS.md)
+# name: (arch, build keyword arguments, forward GFLOP per image from REFERENCE_FACTS.md, None where it has none)
 PRESETS = {
     "ddpmpp": ("ddpmpp", dict(img_resolution=32, in_channels=3, out_channels=3, augment_dim=9), 42.4),
     "ncsnpp": ("ncsnpp", dict(img_resolution=32, in_channels=3, out_channels=3, augment_dim=9), 42.8),
     "adm": ("adm", dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000), 219.0),
+    "edm2-xs": ("edm2-xs", dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000), None),
 }
 # On CPUs without native bfloat16 (oneDNN needs AVX512-BF16 or AMX) bf16 convolutions fall back to a
 # reference kernel ~50x slower than float32, so the CPU default leaves bf16 out: ask for it with --variants.
@@ -127,8 +128,9 @@ def bench_preset(name: str, device: torch.device, batch: int, variants: list[str
     net = build_network(arch, **kwargs).to(device)
     params = sum(p.numel() for p in net.parameters())
     fwd_flops, step_flops = count_flops(net, make_inputs(net, batch, device, False, False))
+    reference = format(reference, "g") if reference else "n/a"
     print(f"{name}: {kwargs['img_resolution']}x{kwargs['img_resolution']}, {params / 1e6:.2f} M parameters, "
-          f"{fwd_flops / batch / 1e9:.1f} GFLOP/img forward (reference {reference:g}), "
+          f"{fwd_flops / batch / 1e9:.1f} GFLOP/img forward (reference {reference}), "
           f"{step_flops / batch / 1e9:.1f} GFLOP/img forward+backward")  # fmt: skip
     for variant in variants:
         precision, channels_last, compiled = parse_variant(variant)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from training import preconditioners
-from training.networks import ARCH_PRESETS, NETWORKS, DhariwalUNet, SongUNet, build_network, network_kwargs
+from training.networks import ARCH_PRESETS, NETWORKS, DhariwalUNet, EDM2UNet, SongUNet, build_network, network_kwargs
 from training.networks.layers import Conv2d, GroupNorm, self_attention, weight_init
 
 # ----------------------------------------------------------------------------------------------
@@ -431,8 +431,8 @@ def test_inside_the_edm_preconditioner():
 
 
 def test_presets_and_overrides():
-    assert NETWORKS == {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
-    assert set(ARCH_PRESETS) == {"ddpmpp", "ncsnpp", "adm"}
+    assert NETWORKS == {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "EDM2UNet": EDM2UNet}
+    assert set(ARCH_PRESETS) == {"ddpmpp", "ncsnpp", "adm", *(f"edm2-{s}" for s in ("xs", "s", "m", "l", "xl", "xxl"))}
     kwargs = network_kwargs("ddpmpp", cbase=64, cres="1,2,2,2", nblock=2, attn=[8], dropout=0.05)
     assert kwargs["class_name"] == "SongUNet" and kwargs["model_channels"] == 64
     assert kwargs["channel_mult"] == [1, 2, 2, 2] and kwargs["num_blocks"] == 2

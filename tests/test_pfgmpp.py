@@ -61,6 +61,18 @@ def test_radius_is_betaprime(N, D, batch):
     assert _ks_p(ratio, scipy.stats.betaprime(N / 2, D / 2)) > P_MIN
 
 
+@pytest.mark.parametrize("D", [1.0, 128.0, math.inf])
+def test_radius_is_betaprime_from_counter_streams(D):
+    """Training's per-sample counter-based streams give the same exact radial law (chi-square at D = inf)."""
+    batch, N, sigma = 2000, 3072, 0.7
+    streams = rng.sample_streams((5, 9, 0), range(batch))
+    n = pfgmpp.sample_perturbation(_zeros(batch, N), sigma, D, generator=streams)
+    if math.isinf(D):
+        assert _ks_p(_sq_norms(n) / sigma**2, scipy.stats.chi2(N)) > P_MIN
+    else:
+        assert _ks_p(_sq_norms(n) / (sigma**2 * D), scipy.stats.betaprime(N / 2, D / 2)) > P_MIN
+
+
 def test_ks_rejects_reference_clipped_sampler():
     """Power check: the reference code's clipped draw (B ~ Beta clipped to [1e-3, 1-1e-3]) fails the same test."""
     N, D, batch, r = 3072, 1.0, 2000, 1.0

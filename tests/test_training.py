@@ -27,8 +27,10 @@ def data(tmp_path_factory):
 
 
 def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):
-    """Same seed and global batch: torchrun with 2 ranks, 1 process, and --batch-gpu accumulation agree."""
-    args = [f"--data={data}", "--cond=1", "--pfgmpp=1", "--aug_dim=64", "--batch=8", "--duration=0.000032", "--tick=0.016"]
+    """Same seed and global batch: torchrun with 2 ranks, 1 process, and --batch-gpu accumulation agree, with
+    augmentation on (each sample's augmentation, like its noise, depends on its global position only)."""
+    args = [f"--data={data}", "--cond=1", "--pfgmpp=1", "--aug_dim=64", "--batch=8", "--duration=0.000032", "--tick=0.016",
+            "--augment=0.5"]
     run_train(tmp_path / "one", args)
     run_train(tmp_path / "accum", [*args, "--batch-gpu=2"])
     run_train(tmp_path / "two", args, nproc=2)

@@ -108,3 +108,36 @@ def test_the_stable_target_field_averages_over_an_augmented_reference_batch(tmp_
     (tmp_path / "plain").mkdir()
     plain = _trainer(tmp_path / "plain", augment=0.5, dropout=0)
     assert torch.equal(plain.loss_fn.reference_batch(raw, lambda y: (y + 1, None)), raw)  # no STF: not asked, unchanged
+
+
+def test_channels_last_reaches_the_network(tmp_path):
+    """With --channels_last the images, the augmented images and the drawn noise all stay channels_last, so the
+    network never gets a tensor that needs a layout conversion."""
+    trainer = _trainer(tmp_path, augment=0.3, dropout=0, channels_last=True)
+    seen = []
+    trainer.net.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    trainer.train_step(trainer.batches())
+    assert seen and all(seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_training_step_makes_no_host_sync(tmp_path):
+    """Steps after the warm-up run without a host-device synchronisation (tick boundaries excepted)."""
+    data = make_dataset(tmp_path / "d.zip", count=16, labels=False)
+    c = config.training_config(data=str(data), arch="ddpmpp", cbase=8, cres="1", nblock=1, attn="", batch=8, workers=0,
+                               pfgmpp_on=True, aug_dim=128, augment=0.3)
+    dataset = ImageFolderDataset(**c.dataset_kwargs)
+    trainer = Trainer(config.complete(c, dataset), tmp_path, dataset, torch.device("cuda"), config.build_loss(c),
+                      AugmentPipe(**c.augment_kwargs))
+    batches = trainer.batches()
+    for _ in range(2):
+        trainer.train_step(batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.train_step(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -295,3 +295,72 @@ def test_default_workers_follow_the_cores_of_a_rank(monkeypatch):
     assert distributed.cpus_per_rank() == 8 and distributed.default_workers(16) == 7
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert distributed.default_workers(3) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Counter-based streams (training's per-sample draws)
+
+
+def _splitmix64(z: int) -> int:
+    """Reference SplitMix64 finaliser on Python integers (exact modulo 2^64)."""
+    mask = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_counter_streams_are_splitmix64_exactly():
+    """The int64 tensor arithmetic (wrapping products, masked shifts) equals SplitMix64 on unbounded integers."""
+    streams = rng.sample_streams((3, 7, 0), range(5, 9))
+    keys = [int(k) % 2**64 for k in streams.keys]
+    values = streams.bits(4)
+    for b, key in enumerate(keys):
+        expected = [_splitmix64((key + j * 0x9E3779B97F4A7C15) % 2**64) for j in range(1, 5)]
+        assert [int(v) % 2**64 for v in values[b]] == expected
+
+
+def test_a_row_depends_on_its_position_alone():
+    """Rows 4..7 drawn alone equal rows 4..7 of the batch 0..7, draw after draw (normal, then uniform)."""
+    whole, part = rng.sample_streams((1, 2, 3), range(8)), rng.sample_streams((1, 2, 3), range(4, 8))
+    assert torch.equal(rng.randn([8, 3, 2], whole)[4:], rng.randn([4, 3, 2], part))
+    assert torch.equal(rng.rand([8], whole, dtype=torch.float64)[4:], rng.rand([4], part, dtype=torch.float64))
+    other_step = rng.sample_streams((1, 3, 3), range(4, 8))
+    assert not torch.equal(rng.randn([4, 3, 2], other_step), rng.randn([4, 3, 2], rng.sample_streams((1, 2, 3), range(4, 8))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_counter_stream_distributions(dtype):
+    """Normal and uniform draws against scipy (KS), across rows and within rows; uniforms in the open (0, 1)."""
+    import scipy.stats
+
+    streams = rng.sample_streams((11, 0, 0), range(400))
+    z = rng.randn([400, 500], streams, dtype=dtype).double()
+    u = rng.rand([400, 500], streams, dtype=dtype).double()
+    assert scipy.stats.kstest(z.flatten().numpy(), "norm").pvalue > 1e-3
+    assert scipy.stats.kstest(u.flatten().numpy(), "uniform").pvalue > 1e-3
+    assert scipy.stats.kstest(z[:, 0].numpy(), "norm").pvalue > 1e-3  # across streams, one position
+    assert 0 < u.min() and u.max() < 1
+    rows = torch.corrcoef(z[:, :50].T)  # neighbouring positions and neighbouring streams are uncorrelated
+    cols = torch.corrcoef(z[:50])
+    off = ~torch.eye(50, dtype=torch.bool)
+    assert rows[off].abs().max() < 0.25 and cols[off].abs().max() < 0.25
+    assert abs(float(rows[off].mean())) < 0.01 and abs(float(cols[off].mean())) < 0.01
+
+
+def test_counter_streams_refuse_a_mismatched_batch():
+    with pytest.raises(ValueError, match="one stream per sample"):
+        rng.randn([3, 2], rng.sample_streams((0,), range(4)))
+
+
+def test_ranks_sharing_a_gpu_are_named():
+    """Two local ranks on one GPU (a wrong NPROC_PER_NODE or CUDA_VISIBLE_DEVICES): the groups that share one."""
+    assert distributed.shared_devices({0: "GPU-a", 1: "GPU-b"}) == []
+    assert distributed.shared_devices({0: "GPU-a", 1: "GPU-a", 2: "GPU-b", 3: "GPU-b", 4: "GPU-c"}) == [[0, 1], [2, 3]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_local_rank_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(ValueError, match="has no GPU of its own"):
+        distributed.init()

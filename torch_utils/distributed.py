@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import socket
 import time
@@ -41,7 +42,12 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> to
     if not timeout_s > 0:
         raise ValueError(f"the process-group timeout must be > 0 seconds, got {timeout_s}")
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(f"local rank {local_rank} has no GPU of its own: {count} visible on {socket.gethostname()}; "
+                             "start at most one process per GPU (--nproc_per_node / NPROC_PER_NODE), and do not "
+                             "limit CUDA_VISIBLE_DEVICES per process")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -54,11 +60,41 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> to
             # torchrun's agent keeps its store across elastic restarts: without a prefix per attempt, a
             # restarted group reads the previous attempt's peer addresses (gloo: "connectFullMesh failed").
             store = dist.PrefixStore(f"attempt-{restart_count()}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        bound = {"device_id": device} if backend == "nccl" and _takes_device_id() else {}  # NCCL set up at once
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **bound)
         ours = dist.PrefixStore("pfgmpp", store)
         ours.set(f"where/{rank}", _where(rank))
         _group.update(store=ours, timeout_s=timeout_s)
+        if device.type == "cuda":
+            _check_own_gpu(ours, device)
     return device
+
+
+def _takes_device_id() -> bool:
+    return "device_id" in inspect.signature(dist.init_process_group).parameters
+
+
+def shared_devices(devices: dict[int, str]) -> list[list[int]]:
+    """The groups of local ranks that name the same device in `devices` {local rank: device id}."""
+    by_device: dict[str, list[int]] = {}
+    for local_rank, device in sorted(devices.items()):
+        by_device.setdefault(device, []).append(local_rank)
+    return [ranks for ranks in by_device.values() if len(ranks) > 1]
+
+
+def _check_own_gpu(store, device: torch.device) -> None:
+    """ValueError when ranks of this node share a GPU (NCCL would fail later with a cryptic message)."""
+    node, local_rank = os.environ.get("GROUP_RANK", "0"), int(os.environ.get("LOCAL_RANK", "0"))
+    properties = torch.cuda.get_device_properties(device)
+    identity = str(getattr(properties, "uuid", f"{properties.name} #{device.index}"))
+    store.set(f"gpu/{node}/{local_rank}", identity)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    devices = {i: store.get(f"gpu/{node}/{i}").decode() for i in range(local_world)}
+    shared = shared_devices(devices)
+    if shared:
+        groups = "; ".join(f"local ranks {', '.join(map(str, g))} on {devices[g[0]]}" for g in shared)
+        raise ValueError(f"ranks share a GPU on {socket.gethostname()} ({groups}): give each process its own GPU "
+                         "(NPROC_PER_NODE at most the number of GPUs, CUDA_VISIBLE_DEVICES the same for all)")
 
 
 def _where(rank: int) -> str:

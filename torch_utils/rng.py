@@ -1,20 +1,24 @@
-"""Explicit random number generators: one `torch.Generator`, or one per sample.
+"""Explicit random number generators: one `torch.Generator`, one per sample, or counter-based streams.
 
-Library functions take `generator=None | torch.Generator | Sequence[torch.Generator]`. With a
-sequence, the first dimension of every draw is the batch, and row `i` comes from `generator[i]`
+Library functions take `generator=None | torch.Generator | Sequence[torch.Generator] | CounterStreams`.
+With a sequence, the first dimension of every draw is the batch, and row `i` comes from `generator[i]`
 alone, so a sample's randomness does not depend on the batch it is drawn in (EDM's per-seed
-generation). Nothing here touches the global RNG except the `None` case, which uses it as torch does.
+generation). `CounterStreams` give the same guarantee without a loop over samples: row `i` of every draw
+is a function of the stream's key `i` and of the draw's position, computed for the whole batch at once
+(training draws only this rank's rows of the global batch with them). Nothing here touches the global RNG
+except the `None` case, which uses it as torch does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Union
 
 import numpy as np
 import torch
 
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+Generators = Union[None, torch.Generator, Sequence[torch.Generator], "CounterStreams"]
 
 
 def mixed_seed(*values: int) -> int:
@@ -27,9 +31,88 @@ def seeded_generators(seeds: Sequence[int], device: torch.device | str = "cpu") 
     return [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
 
 
+# SplitMix64 (Steele, Lea & Flood 2014) in int64 tensors: multiplication wraps modulo 2^64 (two's complement,
+# on the CPU and on CUDA), and a logical right shift is an arithmetic one with the sign bits masked off.
+def _int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)  # the Weyl increment: 2^64 / golden ratio, odd
+_MIX1, _MIX2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser: a bijection of 64-bit integers whose every output bit depends on every input bit."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+class CounterStreams:
+    """One counter-based random stream per sample, drawn for a whole batch at once.
+
+    Value j of stream b is SplitMix64 at counter keys[b] + (offset + j) * golden: row b of every draw depends on
+    keys[b] and on how many values the stream gave before, never on the other rows. `keys` (int64 [B], on the
+    device the draws are made on) come from `sample_streams`.
+    """
+
+    def __init__(self, keys: torch.Tensor):
+        if keys.dtype != torch.int64 or keys.ndim != 1:
+            raise ValueError(f"stream keys must be an int64 vector, got {keys.dtype} {list(keys.shape)}")
+        self.keys, self.offset = keys, 0
+
+    def __len__(self) -> int:
+        return self.keys.numel()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the draws are made."""
+        return self.keys.device
+
+    def bits(self, count: int) -> torch.Tensor:
+        """The next `count` 64-bit values of every stream, int64 [B, count]."""
+        j = torch.arange(self.offset + 1, self.offset + count + 1, dtype=torch.int64, device=self.device)
+        self.offset += count
+        return _mix64(self.keys[:, None] + j * _GOLDEN)
+
+    def uniform(self, count: int, dtype=torch.float32) -> torch.Tensor:
+        """U(0, 1) [B, count] from the top 24 (float32, float16, bfloat16) or 53 (float64) bits of each value."""
+        bits = 53 if dtype == torch.float64 else 24
+        top = _shift_right(self.bits(count), 64 - bits).to(torch.float64 if bits == 53 else torch.float32)
+        return ((top + 0.5) * 2.0**-bits).to(dtype)
+
+    def normal(self, count: int, dtype=torch.float32) -> torch.Tensor:
+        """N(0, 1) [B, count] by Box and Muller in float64: each pair of 53-bit uniforms gives two normals, the
+        radius's from the first (tails to 8.6 sigma; 32-bit uniforms would stop at 6.7)."""
+        pairs = (count + 1) // 2
+        u = self.uniform(2 * pairs, torch.float64)
+        radius = torch.sqrt(-2.0 * torch.log(u[:, :pairs]))
+        angle = (2.0 * math.pi) * u[:, pairs:]
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :count].to(dtype)
+
+
+def sample_streams(seed: Sequence[int], rows: Sequence[int] | range, device=None) -> CounterStreams:
+    """Streams for the samples at global positions `rows`, keyed by `seed` (a tuple such as (run seed, step, purpose)).
+
+    The key of sample i is a function of `seed` and i alone: any subset of rows, on any rank, draws what the
+    whole batch would give for those rows.
+    """
+    if isinstance(rows, range):
+        index = torch.arange(rows.start, rows.stop, rows.step, dtype=torch.int64, device=device)
+    else:
+        index = torch.as_tensor(list(rows), dtype=torch.int64, device=device)
+    return CounterStreams(_mix64(mixed_seed(*seed) + index * _GOLDEN))
+
+
 def device_of(generator: Generators) -> torch.device:
     """The device a generator (or the first of a sequence) draws on; the CPU for None."""
     if isinstance(generator, torch.Generator):
+        return generator.device
+    if isinstance(generator, CounterStreams):
         return generator.device
     if generator is not None:
         for g in generator:
@@ -54,13 +137,29 @@ def _draw(fn: Callable, shape: Sequence[int], generator: Generators, device, dty
     return torch.stack([fn(shape[1:], generator=g, device=device, dtype=dtype) for g in generators])
 
 
+def _streamed(streams: CounterStreams, shape: Sequence[int], normal: bool, device, dtype) -> torch.Tensor:
+    shape = [int(s) for s in shape]
+    if not shape or shape[0] != len(streams):
+        raise ValueError(f"{len(streams)} streams for a draw of shape {shape}: one stream per sample (the first dimension)")
+    if device is not None and torch.device(device) != streams.device:
+        raise ValueError(f"the streams draw on {streams.device}, not on {device}")
+    dtype = dtype or torch.get_default_dtype()
+    count = math.prod(shape[1:])
+    values = streams.normal(count, dtype) if normal else streams.uniform(count, dtype)
+    return values.reshape(shape)
+
+
 def randn(shape: Sequence[int], generator: Generators = None, device=None, dtype=None) -> torch.Tensor:
-    """Standard normal draws of `shape` from one generator or one per sample."""
+    """Standard normal draws of `shape` from one generator, one per sample, or counter-based streams."""
+    if isinstance(generator, CounterStreams):
+        return _streamed(generator, shape, True, device, dtype)
     return _draw(torch.randn, shape, generator, device, dtype)
 
 
 def rand(shape: Sequence[int], generator: Generators = None, device=None, dtype=None) -> torch.Tensor:
-    """Uniform [0, 1) draws of `shape` from one generator or one per sample."""
+    """Uniform draws of `shape` ([0, 1); (0, 1) from counter-based streams)."""
+    if isinstance(generator, CounterStreams):
+        return _streamed(generator, shape, False, device, dtype)
     return _draw(torch.rand, shape, generator, device, dtype)
 
 

@@ -175,6 +175,7 @@ class AugmentPipe:
     def apply(self, images: torch.Tensor, draws: AugmentDraws) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the enabled transforms with the given parameters; returns (images, labels)."""
         self._check(images)
+        channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
         on = set(self.enabled)
         if "xflip" in on:
             images = torch.where(draws.xflip.bool()[:, None, None, None], images.flip(3), images)
@@ -189,6 +190,8 @@ class AugmentPipe:
             images = translate_int(images, self.translate_int_pixels(draws, *images.shape[2:]))
         if on & set(GEOMETRIC):
             images = self._warp(images, draws)
+        if channels_last:  # the layout comes back as it came in (--channels_last: no conversion before the network)
+            images = images.contiguous(memory_format=torch.channels_last)
         return images, self.labels(draws, images.shape[2], images.shape[3])
 
     def labels(self, draws: AugmentDraws, H: int, W: int) -> torch.Tensor:

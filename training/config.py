@@ -11,8 +11,6 @@ import inspect
 import json
 import math
 
-import torch
-
 from dnnlib.util import EasyDict
 from torch_utils.precision import effective as effective_precision
 from training import divergence, networks, pfgmpp, preconditioners
@@ -157,15 +155,14 @@ def fp_kwargs(alpha: float, beta: float, order: float, weighting: str, probe: st
 def complete(c: EasyDict, dataset, world_size: int = 1) -> EasyDict:
     """What depends on the data, filled in and checked once `dataset` is open (before any run directory exists).
 
-    The preconditioner completes its own options (PFGM's M, z_max, upper_norm from the data); the network is
-    built on the meta device to check its options against the data's shape; the loss is built once to check
-    its options, and its reference batch must split over the ranks.
+    The preconditioner completes its own options (PFGM's M, z_max, upper_norm from the data); the network's
+    options are checked against the data's shape; the loss is built once to check its options, and its
+    reference batch must split over the ranks.
     """
     precond = preconditioners.get(c.precond)
     precond.complete_config(c, dataset)
-    with torch.device("meta"):  # the network's options against the data's shape (attention resolutions, levels), no memory
-        networks.build_network(c.network_class, dataset.resolution, dataset.num_channels,
-                               precond.out_channels(dataset.num_channels), label_dim=dataset.label_dim, **c.network_kwargs)
+    networks.check_network(c.network_class, dataset.resolution, dataset.num_channels,  # e.g. attention resolutions
+                           precond.out_channels(dataset.num_channels), label_dim=dataset.label_dim, **c.network_kwargs)
     if c.loss_kwargs.get("fp"):  # the score FPE needs D = inf or D >> N
         fp_regularizer.check_D(c.D, dataset.num_channels * dataset.resolution**2)
     if build_loss(c).needs_reference and c.rbatch % world_size:

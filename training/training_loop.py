@@ -1,16 +1,19 @@
 """The training loop: DDP, gradient accumulation, EMA, ticks, snapshots and exact resume.
 
-Everything random in a step is drawn from generators seeded by (seed, step), so a run does not depend
-on how it is split: the global batch's data indices and its (sigma, noise) draws are the same on 1 rank,
-on N ranks, or with --batch-gpu accumulation, and each rank slices its rows. Dropout and augmentation
-draw per rank from (seed, step, rank), so they differ with the rank count (documented). Resuming from
-a training state at step s repeats the uninterrupted run bitwise on the same hardware.
+Everything random in a step is a function of (seed, step), so a run does not depend on how it is split:
+the global batch's data indices, and each sample's noise level, kernel noise and augmentation (drawn from
+per-sample counter-based streams keyed by its global position, `torch_utils.rng.sample_streams`), are the
+same on 1 rank, on N ranks, or with --batch-gpu accumulation; each rank draws its own rows only, so its cost
+does not grow with the number of ranks. Dropout draws per rank from (seed, step, rank), so it differs with
+the rank count (documented). Resuming from a training state at step s repeats the uninterrupted run bitwise
+on the same hardware.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -25,7 +28,7 @@ import torch
 
 from dnnlib import util
 from dnnlib.util import EasyDict, atomic_write
-from torch_utils import distributed, precision
+from torch_utils import distributed, precision, rng
 from torch_utils.rng import mixed_seed
 from training import checkpoint, images, networks, preconditioners, samplers
 from training.stats import TickStats
@@ -232,6 +235,8 @@ class Trainer:
         self.model = torch.compile(self.ddp) if c.compile else self.ddp
         self.step, self.cur_nimg = 0, 0
         self.stats = TickStats(device)
+        # should_stop's vote on CUDA: pinned host buffers out and back, and the event of the last copy back.
+        self._votes = [torch.zeros(1, pin_memory=True), torch.zeros(1, pin_memory=True), None] if fused else None
 
     def resume(self, path: Path) -> None:
         """Load weights, EMA, optimizer and position from a training state."""
@@ -273,14 +278,20 @@ class Trainer:
         return self.loss_fn.reference_batch(images, augment)
 
     def train_step(self, batches, references=None) -> None:
-        """One optimizer step over the global batch, accumulated in rounds of batch_gpu per rank."""
+        """One optimizer step over the global batch, accumulated in rounds of batch_gpu per rank.
+
+        The loss's random draws (sigma, the kernel noise, probes) and the augmentation come from per-sample
+        streams keyed by (seed, step, global position): each rank draws its own rows only, and every row is the
+        same for any number of ranks and any --batch-gpu.
+        """
         c, dev = self.c, self.device
         torch.manual_seed(mixed_seed(c.seed, self.step, self.rank, 1))  # dropout: per (step, rank), resumable
-        g = torch.Generator(dev).manual_seed(mixed_seed(c.seed, self.step, 0))
-        draws = self.loss_fn.draw([c.batch_size, *self.dataset.image_shape], dev, g)  # (sigma, noise[, probes])
+        first = self.rank * self.batch_rank
+        streams = rng.sample_streams((c.seed, self.step, 0), range(first, first + self.batch_rank), dev)
+        draws = self.loss_fn.draw([self.batch_rank, *self.dataset.image_shape], dev, streams)  # (sigma, noise[, probes])
+        if c.channels_last:
+            draws = tuple(d.contiguous(memory_format=torch.channels_last) if d.ndim == 4 else d for d in draws)
         sigma = draws[0]
-        g_aug = torch.Generator(dev).manual_seed(mixed_seed(c.seed, self.step, self.rank, 2))
-        augment = None if self.augment_pipe is None else (lambda y: self.augment_pipe(y, generator=g_aug))
         reference = self._reference(references)
         self.optimizer.zero_grad(set_to_none=True)
         for r in range(self.rounds):
@@ -289,7 +300,11 @@ class Trainer:
             labels = labels.to(dev, non_blocking=True) if self.dataset.label_dim else None
             if c.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            rows = slice(self.rank * self.batch_rank + r * c.batch_gpu, self.rank * self.batch_rank + (r + 1) * c.batch_gpu)
+            rows = slice(r * c.batch_gpu, (r + 1) * c.batch_gpu)
+            augment = None
+            if self.augment_pipe is not None:
+                g_aug = rng.sample_streams((c.seed, self.step, 2), range(first + rows.start, first + rows.stop), dev)
+                augment = functools.partial(self.augment_pipe, generator=g_aug)
             sync = r == self.rounds - 1 or self.world == 1
             with (self.ddp.no_sync() if not sync else contextlib.nullcontext()), precision.autocast(c.precision, dev):
                 loss = self.loss_fn(self.model, images, labels, augment_pipe=augment, draws=tuple(d[rows] for d in draws),
@@ -387,13 +402,30 @@ class Trainer:
         self._writer.flush()
 
     def should_stop(self, flag: StopFlag) -> bool:
-        """All ranks agree whether a stop signal arrived (one small all-reduce every stop_check_steps)."""
+        """All ranks agree whether a stop signal arrived: one small all-reduce every stop_check_steps.
+
+        On CUDA the vote is asynchronous and read at the next check, when it has long arrived in pinned host
+        memory: no host-device synchronisation, and a stop comes one check interval later.
+        """
         if self.world == 1:
             return flag.signal is not None
         if self.step % self.c.stop_check_steps:
             return False
-        t = torch.tensor([1.0 if flag.signal is not None else 0.0], device=self.device)
-        return bool(distributed.all_reduce_sum(t).item() > 0)
+        vote = 1.0 if flag.signal is not None else 0.0
+        if self.device.type != "cuda":
+            return bool(distributed.all_reduce_sum(torch.tensor([vote], device=self.device)).item() > 0)
+        out, back, event = self._votes
+        decided = False
+        if event is not None:
+            event.synchronize()  # the previous vote's copy, finished steps ago: waits for nothing else
+            decided = bool(back[0] > 0)
+        out[0] = vote
+        total = distributed.all_reduce_sum(out.to(self.device, non_blocking=True))
+        back.copy_(total, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._votes[2] = event
+        return decided
 
 
 def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, augment_pipe=None,

@@ -42,7 +42,8 @@ from training.samplers.levels import flow_range
 @click.option("--per_image", help="Also store every image's bits/dim in the JSON", is_flag=True)
 def main(network, data, out, num, batch_size, seed, workers, per_image, **options):
     """Bits/dim of a dataset under a trained network (any D), on one or many GPUs (torchrun)."""
-    device = distributed.init()
+    with user_errors():
+        device = distributed.init()
     with user_errors():
         if out is not None:
             distributed.main_only(lambda: util.check_output(out, "--out", overwrite=True))

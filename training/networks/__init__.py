@@ -1,4 +1,5 @@
-"""Denoiser networks F_theta: DDPM++ / NCSN++ (SongUNet) and ADM (DhariwalUNet), with EDM's presets.
+"""Denoiser networks F_theta: DDPM++ / NCSN++ (SongUNet), ADM (DhariwalUNet) and EDM2's magnitude-preserving
+U-Net (EDM2UNet), with EDM's and EDM2's presets.
 
 `NETWORKS` is the allow-list of class names that configurations and checkpoints may name.
 `network_kwargs(arch, ...)` turns train.py's options into a `{"class_name": ..., **kwargs}` dict;
@@ -14,11 +15,12 @@ from collections.abc import Sequence
 from torch import nn
 
 from training.networks.dhariwal import DhariwalUNet
+from training.networks.edm2 import EDM2UNet
 from training.networks.songunet import SongUNet
 
-__all__ = ["ARCH_PRESETS", "NETWORKS", "DhariwalUNet", "SongUNet", "build_network", "network_kwargs"]
+__all__ = ["ARCH_PRESETS", "NETWORKS", "check_network", "DhariwalUNet", "EDM2UNet", "SongUNet", "build_network", "network_kwargs"]
 
-NETWORKS: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+NETWORKS: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "EDM2UNet": EDM2UNet}
 
 # The architectures of EDM's train.py (--arch): DDPM++ and NCSN++ at CIFAR-10 widths (Song et al. 2021,
 # as configured by Karras et al. 2022, Table 7), ADM at its ImageNet-64 widths (Dhariwal & Nichol 2021).
@@ -34,6 +36,11 @@ ARCH_PRESETS: dict[str, dict] = {
         channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
     ),
     "adm": dict(class_name="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
+    # EDM2's sizes XS-XXL (Karras et al. 2024; NVlabs/edm2's presets edm2-img64-*, XXL from edm2-img512-xxl):
+    # width and dropout, the rest EDM2UNet's defaults; used unchanged at 32x32 (training/networks/edm2.py).
+    **{f"edm2-{size}": dict(class_name="EDM2UNet", model_channels=channels, dropout=dropout)
+       for size, channels, dropout in [("xs", 128, 0.0), ("s", 192, 0.0), ("m", 256, 0.1), ("l", 320, 0.1),
+                                       ("xl", 384, 0.1), ("xxl", 448, 0.1)]},
 }  # fmt: skip
 
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 512
@@ -112,9 +119,13 @@ def _validate(cls: type[nn.Module], config: dict) -> None:
         raise ValueError(
             f"img_resolution must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION}, got {res!r}"
         )
-    positive = ("in_channels", "out_channels", "model_channels", "channel_mult_emb", "channel_mult_noise", "num_blocks")
+    positive = ("in_channels", "out_channels", "model_channels", "channel_mult_emb", "channel_mult_noise", "num_blocks",
+                "channels_per_head")  # fmt: skip
+    optional = {name for name, p in inspect.signature(cls.__init__).parameters.items() if p.default is None}
     for name in positive:
         if name in config and not (isinstance(config[name], int) and config[name] >= 1):
+            if config[name] is None and name in optional:  # EDM2UNet: None = derived from channel_mult
+                continue
             raise ValueError(f"{name} must be an integer >= 1, got {config[name]!r}")
     for name in ("label_dim", "augment_dim"):
         if not (isinstance(config[name], int) and config[name] >= 0):
@@ -135,19 +146,50 @@ def _validate(cls: type[nn.Module], config: dict) -> None:
         raise ValueError(
             f"attn_resolutions {absent} do not occur in this network; its resolutions are {resolutions}"
         )
-    if cls is DhariwalUNet:  # ADM's heads have 64 channels; a narrower level would silently lose its attention
+    # ADM's heads have 64 channels, EDM2's channels_per_head: a narrower level would silently lose its attention.
+    per_head = config.get("channels_per_head", 64 if cls is DhariwalUNet else None)
+    if per_head is not None:
         attn = sorted(config["attn_resolutions"])
         widths = [(r, config["model_channels"] * mult[resolutions.index(r)]) for r in attn]
-        narrow = [(r, width) for r, width in widths if width < 64]
+        narrow = [(r, width) for r, width in widths if width < per_head]
         if narrow:
             where = ", ".join(f"{r}x{r} has {width}" for r, width in narrow)
+            lower = " (or lower channels_per_head)" if "channels_per_head" in config else ""
             raise ValueError(
-                f"DhariwalUNet attends with 64 channels per head, so attention needs >= 64 channels ({where}); "
-                f"raise model_channels or leave these resolutions out of attn_resolutions"
+                f"{cls.__name__} attends with {per_head} channels per head, so attention needs >= {per_head} "
+                f"channels ({where}); raise model_channels{lower} or leave these resolutions out of attn_resolutions"
             )
     if not 0 <= config["dropout"] < 1 or not 0 <= config["label_dropout"] <= 1:
         raise ValueError(f"dropout must be in [0, 1) and label_dropout in [0, 1], got {config['dropout']}, "
                          f"{config['label_dropout']}")  # fmt: skip
+
+
+def _resolved(class_name_or_arch: str, given: dict, kwargs: dict) -> tuple[type[nn.Module], dict]:
+    """The class and its keyword arguments for a configuration, validated (ValueError otherwise)."""
+    cls, config = _resolve_class(class_name_or_arch)
+    class_name = kwargs.pop("class_name", cls.__name__)
+    if class_name != cls.__name__:
+        raise ValueError(f"class_name {class_name!r} contradicts {class_name_or_arch!r} ({cls.__name__})")
+    config.update(kwargs)
+    _check_keywords(cls, config)
+    for key in ("channel_mult", "attn_resolutions"):
+        if key in config:
+            config[key] = _int_list(config[key], key)
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    _validate(cls, {**defaults, **config, **given})
+    return cls, config
+
+
+def check_network(class_name_or_arch: str, img_resolution: int, in_channels: int, out_channels: int,
+                  label_dim: int = 0, augment_dim: int = 0, **kwargs) -> None:
+    """ValueError unless `build_network` with these arguments would build a network (nothing is built)."""
+    given = dict(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
+                 label_dim=label_dim, augment_dim=augment_dim)  # fmt: skip
+    _resolved(class_name_or_arch, given, dict(kwargs))
 
 
 def build_network(
@@ -160,21 +202,7 @@ def build_network(
     **kwargs,
 ) -> nn.Module:
     """Validate a configuration and construct the network (an arch preset, overridden by kwargs, or a class)."""
-    cls, config = _resolve_class(class_name_or_arch)
-    class_name = kwargs.pop("class_name", cls.__name__)
-    if class_name != cls.__name__:
-        raise ValueError(f"class_name {class_name!r} contradicts {class_name_or_arch!r} ({cls.__name__})")
-    config.update(kwargs)
-    _check_keywords(cls, config)
-    for key in ("channel_mult", "attn_resolutions"):
-        if key in config:
-            config[key] = _int_list(config[key], key)
     given = dict(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
                  label_dim=label_dim, augment_dim=augment_dim)  # fmt: skip
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    _validate(cls, {**defaults, **config, **given})
+    cls, config = _resolved(class_name_or_arch, given, kwargs)
     return cls(**given, **config)
