@@ -60,10 +60,10 @@ TINY = ["--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--nblock=1", "--attn=4", "-
         "--snap=1"]
 # name: (dataset, train.py options, first 16 hex digits of the SHA-256 of the final net and EMA weights).
 TRAIN = {
-    "edm": ("labelled", ["--cond=1", "--pfgmpp=1", "--aug_dim=64", "--xflip=1"], "330271cb5caa1735"),
-    "pfgm": ("unlabelled", ["--precond=pfgm", "--rbatch=16"], "9a37654f5007b01a"),
-    "fp": ("unlabelled", ["--fp_reg=1"], "e47bc7fd19b6b6bf"),
-    "ve": ("unlabelled", ["--precond=ve", "--batch-gpu=4"], "4d719c45ba02fc79"),
+    "edm": ("labelled", ["--cond=1", "--pfgmpp=1", "--aug_dim=64", "--xflip=1"], "0bbfb81c7da44de7"),
+    "pfgm": ("unlabelled", ["--precond=pfgm", "--rbatch=16"], "05cb3a6c57c38d8e"),
+    "fp": ("unlabelled", ["--fp_reg=1"], "9f4129609e42402d"),
+    "ve": ("unlabelled", ["--precond=ve", "--batch-gpu=4"], "f4976f092ea79358"),
 }
 
 

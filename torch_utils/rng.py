@@ -86,12 +86,18 @@ class CounterStreams:
         return ((top + 0.5) * 2.0**-bits).to(dtype)
 
     def normal(self, count: int, dtype=torch.float32) -> torch.Tensor:
-        """N(0, 1) [B, count] by Box and Muller in float64: each pair of 53-bit uniforms gives two normals, the
-        radius's from the first (tails to 8.6 sigma; 32-bit uniforms would stop at 6.7)."""
+        """N(0, 1) [B, count] by Box and Muller: each pair of normals comes from one 64-bit value (40 bits for the
+        radius, tails to 7.4 sigma where 32-bit uniforms stop at 6.7, and 24 for the angle) in float32; float64
+        takes two values per pair (53 bits each, tails to 8.6 sigma) and computes in float64."""
         pairs = (count + 1) // 2
-        u = self.uniform(2 * pairs, torch.float64)
-        radius = torch.sqrt(-2.0 * torch.log(u[:, :pairs]))
-        angle = (2.0 * math.pi) * u[:, pairs:]
+        if dtype == torch.float64:
+            u = self.uniform(2 * pairs, torch.float64)
+            radius, angle = torch.sqrt(-2.0 * torch.log(u[:, :pairs])), (2.0 * math.pi) * u[:, pairs:]
+        else:
+            bits = self.bits(pairs)
+            u = ((_shift_right(bits, 24).to(torch.float64) + 0.5) * 2.0**-40).to(torch.float32)
+            radius = torch.sqrt(-2.0 * torch.log(u))
+            angle = ((bits & 0xFFFFFF).to(torch.float32) + 0.5) * (2.0 * math.pi * 2.0**-24)
         return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :count].to(dtype)
 
 
