@@ -5,11 +5,15 @@
     python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset.npz
     torchrun --standalone --nproc_per_node=8 fid.py gen --network=network-snapshot.pt \\
         --ref=fid-refs/cifar10-32x32.npz --num_images=50000 --seeds=50000-99999
+    torchrun --standalone --nproc_per_node=8 fid.py sweep --networks=training-runs/00000-cifar10 \\
+        --seeds=0-49999,50000-99999,100000-149999 --ref=fid-refs/cifar10-32x32.npz --out=sweep.json --plot=sweep.png
 
 Under torchrun write `--num_images`: torchrun's own parser takes `--num` for its `--numa-binding`.
 
 `gen` samples in memory and never writes PNGs; its images are quantised to uint8 exactly as
-generate.py saves them, so `gen` equals generate.py followed by `calc`. Reference files are npz
+generate.py saves them, so `gen` equals generate.py followed by `calc`. `sweep` runs `gen`'s evaluation for every
+network and seed range, keeps each result in --out at once (a rerun does only what is missing), and marks the
+best value and the best mean over the ranges (training/sweep.py). Reference files are npz
 with mu and sigma, interchangeable with EDM's. The detector is Inception-v3 as EDM uses it,
 downloaded once into the cache; `--detector=PATH` or $PFGMPP_DETECTOR for offline machines.
 """
@@ -22,7 +26,7 @@ import click
 
 from dnnlib import util
 from torch_utils import distributed
-from training import generation, metrics
+from training import evaluation, generation, metrics, sweep
 from training.cli import exit_on_signals, user_errors
 from training.cli.sampler import SeedList, sampler_options, settings_from_options
 
@@ -72,27 +76,35 @@ def main():
     fid.py calc --images=DIR|ZIP --ref=NPZ|URL
     fid.py ref  --data=DIR|ZIP --dest=NPZ
     fid.py gen  --network=PATH|URL --ref=NPZ|URL
+    fid.py sweep --networks=RUN_DIR|GLOB|PATH --seeds=0-49999,50000-99999 --ref=NPZ|URL --out=JSON
     """
 
 
-_EVAL = [
+_REFERENCE = [
     click.option("--ref", "ref", help="Reference statistics (npz path or URL), or a dataset folder/ZIP", metavar="NPZ|URL|DIR"),
     click.option("--metrics", "wanted", help="Metrics to compute, comma-separated: " + ", ".join(f"{n} ({m.description})" for n, m in metrics.METRICS.items()), metavar="LIST", callback=metric_list, default="fid", show_default=True),
-    click.option("--out", help="Also write the results as JSON (replacing an existing file)", metavar="JSON", type=click.Path(dir_okay=False)),
 ]
+_OUT = click.option("--out", help="Also write the results as JSON (replacing an existing file)", metavar="JSON", type=click.Path(dir_okay=False))
+_CLASS = click.option("--class", "class_idx", help="Class label [default: random]", metavar="INT", type=click.IntRange(min=0))
 
 
-def eval_options(command):
-    """--ref, --metrics and --out, shared by calc and gen."""
-    for option in reversed(_EVAL):
+def reference_options(command):
+    """--ref and --metrics, shared by calc, gen and sweep."""
+    for option in reversed(_REFERENCE):
         command = option(command)
     return command
 
 
+def eval_options(command):
+    """--ref, --metrics and --out, shared by calc and gen."""
+    return reference_options(_OUT(command))
+
+
 def _check_ref(ref, wanted) -> None:
-    needing = [n for n in wanted if metrics.get(n).reference is not None]
-    if ref is None and needing:
-        raise click.UsageError(f"--ref is required for {', '.join(needing)} (an npz such as EDM's fid-refs, or a dataset)")
+    try:
+        evaluation.check_reference(wanted, ref)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
 
 
 @main.command()
@@ -150,7 +162,7 @@ def ref(dataset_path, dest, overwrite, keep_features, workers, batch_size, detec
 @click.option("--network", help="Network snapshot or EDM/PFGM++ checkpoint", metavar="PATH|URL", type=str, required=True)
 @click.option("--num", "--num_images", "num", help="Number of images [default: the number of seeds, else 50000; --num_images under torchrun]", metavar="INT", type=click.IntRange(min=2))
 @click.option("--seeds", help="Seeds of the images [default: 0 to num-1]", metavar="LIST", type=SeedList())
-@click.option("--class", "class_idx", help="Class label [default: random]", metavar="INT", type=click.IntRange(min=0))
+@_CLASS
 @eval_options
 @common_options
 @sampler_options
@@ -161,26 +173,28 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_s
     settings = settings_from_options(opts)
     with user_errors():
         device = distributed.init()
-    nfe = []
-
-    def in_memory(net):
-        for b in generation.generate(net, seed_list, batch_size, device, settings, class_idx, opts["precision"], progress=True):
-            nfe.append(b.nfe)
-            yield b.indices, b.images.permute(0, 3, 1, 2)
 
     with exit_on_signals(), user_errors():
         check_output(out, "--out", overwrite=True)
-        net = generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx)
-        det = metrics.detector.load_shared(detector_source, device)
-        needs = metrics.reference_needs(wanted)
-        reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, distributed.default_workers(3), progress=True)
-        stats = metrics.statistics(in_memory(net), det, len(seed_list), device, wanted)
-        results = metrics.evaluate(wanted, stats, reference, seed_list[0])
-        sampler = dict(solver=settings.solver, **settings.options, nfe_per_batch=sum(nfe) / max(len(nfe), 1))
-        contiguous = seed_list == list(range(seed_list[0], seed_list[-1] + 1))
-        finish(results, dict(network=network, num=len(seed_list), seeds=f"{seed_list[0]}-{seed_list[-1]}" if contiguous else seed_list,
-                             ref=ref, detector=detector_source, sampler=sampler), out)
+        net = generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
+                                      opts.get("guidance", 1.0))
+        reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
+        result = evaluation.score(net, seed_list, wanted, reference, det, device, settings, batch_size, class_idx,
+                                  opts["precision"], progress=True)
+        sampler = dict(solver=settings.solver, **settings.options, nfe_per_batch=result.nfe_per_batch,
+                       guidance=opts["guidance"], gnet=opts.get("gnet"))
+        finish(result.results, dict(network=network, num=len(seed_list), seeds=evaluation.seed_ranges_text(seed_list),
+                                    ref=ref, detector=detector_source, sampler=sampler), out)
     distributed.shutdown()
+
+
+def _reference_and_detector(ref: str | None, wanted: list[str], detector_source: str | None, device, batch_size: int):
+    """(reference statistics or None, detector) for evaluating samples (gen, sweep)."""
+    det = metrics.detector.load_shared(detector_source, device)
+    needs = metrics.reference_needs(wanted)
+    workers = distributed.default_workers(3)
+    reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, workers, progress=True)
+    return reference, det
 
 
 def _seed_list(seeds: list[int] | None, num: int | None) -> list[int]:
@@ -192,6 +206,105 @@ def _seed_list(seeds: list[int] | None, num: int | None) -> list[int]:
     if len(seeds) < 2:
         raise click.BadParameter("need at least 2 seeds", param_hint="--seeds")
     return seeds
+
+
+def network_list(ctx, param, value: tuple[str, ...]) -> list[sweep.Network]:
+    """--networks (repeatable, comma-separated): run directories, globs, files, URLs -> the networks, by kimg and sigma_rel."""
+    try:
+        return sweep.find_networks(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def seed_range_list(ctx, param, value: tuple[str, ...]) -> list[range] | None:
+    """--seeds of sweep (repeatable, comma-separated): ranges FIRST-LAST, each evaluated on its own."""
+    try:
+        return sweep.parse_seed_ranges(value) if value else None
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@main.command("sweep")
+@click.option("--networks", help="Networks: run directories (their snapshots), globs, files or URLs; comma-separated or repeated", metavar="SPEC", multiple=True, required=True, callback=network_list)
+@click.option("--seeds", "ranges", help="Seed ranges FIRST-LAST, comma-separated or repeated, each evaluated on its own  [default: 0 to num-1]", metavar="RANGES", multiple=True, callback=seed_range_list)
+@click.option("--num", "--num_images", "num", help="Images per seed range [default: 50000; --num_images under torchrun]", metavar="INT", type=click.IntRange(min=2))
+@_CLASS
+@reference_options
+@click.option("--out", help="Results JSON: evaluations already in it (same settings) are not redone; updated after each", metavar="JSON", type=click.Path(dir_okay=False), required=True)
+@click.option("--plot", help="Also draw the first metric against sigma_rel and kimg (needs matplotlib)", metavar="PNG", type=click.Path(dir_okay=False))
+@common_options
+@sampler_options
+def sweep_command(networks, ranges, num, class_idx, ref, wanted, out, plot, batch_size, detector_source, **opts):
+    """Evaluate networks over seed ranges; resumable; prints a table and marks the best."""
+    _check_ref(ref, wanted)
+    ranges = _sweep_ranges(ranges, num)
+    settings = settings_from_options(opts)
+    with user_errors():
+        if plot is not None:
+            sweep.check_plotting()
+        device = distributed.init()
+
+    with exit_on_signals(), user_errors():
+        check_output(out, "--out", overwrite=True)
+        check_output(plot, "--plot", overwrite=True)
+        key = sweep.settings(ref, detector_source, settings, opts["guidance"], opts.get("gnet"), opts["precision"], class_idx)
+        records = distributed.main_only(lambda: sweep.Records.load(out))  # every rank plans; rank 0 alone writes
+        pending = sweep.pending(records, networks, ranges, key, wanted)
+        _say_pending(records, pending, len(networks), len(ranges), key)
+        if pending:
+            reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
+        for i, todo in pending:
+            net = generation.load_network(networks[i].path, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx,
+                                          opts.get("gnet"), opts["guidance"])
+            for j in todo:
+                result = evaluation.score(net, ranges[j], wanted, reference, det, device, settings, batch_size, class_idx,
+                                          opts["precision"], progress=True)
+                distributed.main_only(lambda: _keep(records, sweep.record(networks[i], ranges[j], wanted, key, result)))
+        distributed.main_only(lambda: _report(records, networks, ranges, key, wanted, plot))
+    distributed.shutdown()
+
+
+def _sweep_ranges(ranges: list[range] | None, num: int | None) -> list[range]:
+    """The seed ranges: --seeds, or 0..num-1; each must hold --num seeds when both are given."""
+    if ranges is None:
+        return [range(50000 if num is None else num)]
+    wrong = [r for r in ranges if num is not None and len(r) != num]
+    if wrong:
+        raise click.UsageError(f"--seeds range {sweep.seed_text(wrong[0])} holds {len(wrong[0])} seeds but --num={num}; "
+                               "give one or make them agree")
+    return ranges
+
+
+def _say_pending(records, pending, networks: int, ranges: int, key: dict) -> None:
+    """Rank 0: how many evaluations are done already and how many remain."""
+    if not distributed.is_main():
+        return
+    count, total = sum(len(todo) for _, todo in pending), networks * ranges
+    click.echo(f"{networks} networks x {ranges} seed ranges = {total} evaluations: {total - count} found in "
+               f"{records.path}, {count} to do")
+    if records.others(key):
+        click.echo(f"({records.others(key)} records in {records.path} have other settings: kept, not used)")
+
+
+def _keep(records, record: dict) -> None:
+    """Rank 0: write an evaluation's record at once and say it."""
+    records.add(record)
+    values = ", ".join(f"{k} {v:g}" for k, v in record["results"].items())
+    click.echo(f"{sweep.describe(record['network']).name} seeds {record['seeds']}: {values} ({record['seconds']:.1f} s)")
+
+
+def _report(records, networks, ranges, key, wanted, plot) -> None:
+    """Rank 0: a table per metric with the best marked; the best into the file; the plot."""
+    best = {"settings": key, "seeds": [sweep.seed_text(r) for r in ranges], "metrics": {}}
+    for name in wanted:
+        rows = sweep.table_rows(records, networks, ranges, key, wanted, name)
+        top = sweep.best(rows, name)
+        click.echo("\n" + sweep.format_table(name, rows, ranges, top))
+        best["metrics"][name] = sweep.best_record(name, rows, ranges, top)
+        if plot is not None and name == wanted[0]:
+            sweep.plot(plot, name, rows, top)
+    records.save(best)
+    click.echo(f"\nwrote {records.path}" + ("" if plot is None else f" and {plot}"))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from training import generation, images
 from training.cli import user_errors
 from training.cli.sampler import SeedList, sampler_options, settings_from_options
 from training.pfgmpp import format_D
+from training.samplers.guidance import Guided
 
 
 def image_path(outdir: Path, seed: int, subdirs: bool) -> Path:
@@ -62,7 +63,8 @@ def check_outputs(outdir: Path | None, grid: str | None, paths, overwrite: bool)
 def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
     """The network, checked against the options that must agree with it; errors as click errors."""
     with user_errors():
-        return generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx)
+        return generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
+                                       opts.get("guidance", 1.0))
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -101,7 +103,8 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
         distributed.main_only(lambda: check_outputs(outdir, grid, paths, overwrite))
     net = load(network, device, opts, class_idx)
     work = modes[0] if modes and not temperature else f"{len(seeds)} images"
-    distributed.print0(f"{type(net).__name__} D={format_D(net.D)}: "
+    name = repr(net) if isinstance(net, Guided) else type(net).__name__
+    distributed.print0(f"{name}, D={format_D(net.D)}: "
                        f"{work} on {distributed.get_world_size()} rank(s)")
     if modes:
         with user_errors(), configure_precision(opts["precision"], device, generation.PRECISIONS):

@@ -20,6 +20,8 @@ from dnnlib.util import EasyDict, atomic_write
 from torch_utils import distributed
 from training import preconditioners
 from training.cli import AugDim, Float, user_errors
+from training.metrics import METRICS
+from training.networks import ARCH_PRESETS
 
 def _run_dir(outdir: Path, desc: str, nosubdir: bool, resume: str | None) -> Path:
     """outdir itself (--nosubdir), the newest run of this description (--resume=auto), or a new NNNNN-desc."""
@@ -50,8 +52,8 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
 @click.option("--outdir", help="Where to make the run directory", metavar="DIR", type=click.Path(file_okay=False), required=True)
 @click.option("--data", help="Training data: a ZIP or folder made by dataset_tool.py", metavar="ZIP|DIR", type=str, required=True)
 @click.option("--cond", help="Train class-conditional", metavar="BOOL", type=bool, default=False, show_default=True)
-@click.option("--arch", help="Network architecture", type=click.Choice(["ddpmpp", "ncsnpp", "adm"]), default="ddpmpp", show_default=True)
-@click.option("--precond", help="Preconditioning and loss (pfgm: PFGM, D = 1)", type=click.Choice(preconditioners.trainable()), default="edm", show_default=True)
+@click.option("--arch", help="Network: EDM's (recipe edm) or EDM2's sizes (recipe edm2: docs/edm2.md)", type=click.Choice(list(ARCH_PRESETS)), default="ddpmpp", show_default=True)
+@click.option("--precond", help="Preconditioning and loss (pfgm: PFGM, D = 1) [default: edm; edm2-*: edm2]", type=click.Choice(preconditioners.trainable()))
 @click.option("--pfgmpp", "pfgmpp_on", help="Train PFGM++ (needs --aug_dim)", metavar="BOOL", type=bool, default=False, show_default=True)
 @click.option("--aug_dim", help="PFGM++ augmented dimension D > 0 ('inf' = diffusion)", type=AugDim(), default=None)
 @click.option("--duration", help="Training duration", metavar="MIMG", type=Float(min=0, min_open=True), default=200, show_default=True)
@@ -61,14 +63,17 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
 @click.option("--cres", help="Channels per resolution [default: preset]", metavar="LIST", type=str)
 @click.option("--nblock", help="Blocks per resolution [default: preset]", metavar="INT", type=click.IntRange(min=1))
 @click.option("--attn", help="Attention resolutions [default: preset]", metavar="LIST", type=str)
-@click.option("--lr", help="Learning rate", metavar="FLOAT", type=Float(min=0, min_open=True), default=10e-4, show_default=True)
-@click.option("--lr_rampup", help="Learning-rate ramp-up", metavar="MIMG", type=Float(min=0), default=10, show_default=True)
-@click.option("--ema", help="EMA half-life", metavar="MIMG", type=Float(min=0), default=0.5, show_default=True)
-@click.option("--dropout", help="Dropout probability", metavar="FLOAT", type=Float(min=0, max=1), default=0.13, show_default=True)
-@click.option("--augment", help="Augment probability", metavar="FLOAT", type=Float(min=0, max=1), default=0.12, show_default=True)
+@click.option("--lr", help="Learning rate (edm2: before the decay) [default: 10e-4; edm2-*: EDM2's per size]", metavar="FLOAT", type=Float(min=0, min_open=True))
+@click.option("--lr_rampup", help="Learning-rate ramp-up [default: 10]", metavar="MIMG", type=Float(min=0))
+@click.option("--lr_decay", help="EDM2's decay lr/sqrt(t/t_ref) after t_ref steps; 0: none [default: 0; edm2-*: 35000]", metavar="BATCHES", type=Float(min=0))
+@click.option("--ema", help="EMA half-life; 0: none [default: 0.5; edm2-*: 0]", metavar="MIMG", type=Float(min=0))
+@click.option("--ema_std", help="Power-function EMAs to track, by sigma_rel (docs/phema.md); none: off [default: none; edm2-*: 0.050,0.100]", metavar="LIST", type=str)
+@click.option("--dropout", help="Dropout probability [default: 0.13; edm2-*: the preset's]", metavar="FLOAT", type=Float(min=0, max=1, max_open=True))
+@click.option("--label_dropout", help="Drop class labels with this probability (classifier-free guidance)", metavar="FLOAT", type=Float(min=0, max=1, max_open=True), default=0, show_default=True)
+@click.option("--augment", help="Augment probability [default: 0.12; edm2-*: 0]", metavar="FLOAT", type=Float(min=0, max=1))
 @click.option("--xflip", help="Enable dataset x-flips", metavar="BOOL", type=bool, default=False, show_default=True)
-@click.option("--P_mean", "P_mean", help="Mean of ln sigma in training (EDM)", type=Float(), default=-1.2, show_default=True)
-@click.option("--P_std", "P_std", help="Std of ln sigma in training (EDM)", type=Float(min=0, min_open=True), default=1.2, show_default=True)
+@click.option("--P_mean", "P_mean", help="Mean of ln sigma in training [default: -1.2; edm2-*: -0.8]", type=Float())
+@click.option("--P_std", "P_std", help="Std of ln sigma in training [default: 1.2; edm2-*: 1.6]", type=Float(min=0, min_open=True))
 @click.option("--sigma_scale", help="Scale training sigma (LSUN 256^2 in PFGM++: 380/80 = 4.75)", type=Float(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--stf", help="Stable target field", metavar="BOOL", type=bool, default=False, show_default=True)
 @click.option("--rbatch", help="Reference batch of --stf and --precond=pfgm", metavar="INT", type=click.IntRange(min=1), default=4096, show_default=True)
@@ -103,6 +108,10 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
 @click.option("--snap", help="How often to save snapshots", metavar="TICKS", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--dump", help="How often to dump training state", metavar="TICKS", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--grid", help="Samples in the grid at each snapshot (0: none)", metavar="INT", type=click.IntRange(min=0), default=64, show_default=True)
+@click.option("--metrics", help="Evaluate each snapshot's networks: " + ", ".join(METRICS) + " (comma-separated) [default: none]", metavar="LIST", type=str)
+@click.option("--metrics_ref", help="Reference statistics of --metrics (npz path or URL), or a dataset folder/ZIP", metavar="NPZ|URL|DIR")
+@click.option("--metrics_num", help="Images per evaluation of --metrics (seeds 0 to N-1)", metavar="INT", type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option("--detector", help="Detector of --metrics [default: $PFGMPP_DETECTOR, else the Inception-v3 URL]", metavar="PATH|URL")
 @click.option("--seed", help="Random seed", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--transfer", help="Initialise from a network snapshot", metavar="PKL|PT|URL", type=str)
 @click.option("--resume", help="Resume: 'auto' (newest state of this run) or a training-state file", metavar="auto|PT", type=str)
@@ -139,7 +148,8 @@ def main(outdir, data, desc, nosubdir, dry_run, transfer, resume, bench, **opts)
 def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path | None:
     """Rank 0's checks before anything is written; returns the training state to resume from, if any.
 
-    Every image of the dataset must have its shape (headers only are read). A state must load and have been trained with this run's options (`config.resume_mismatches`); without
+    Every image of the dataset must have its shape (headers only are read); --metrics' detector must load and its
+    reference fit. A state must load and have been trained with this run's options (`config.resume_mismatches`); without
     --resume, a run directory that already holds a run is refused rather than overwritten; --transfer's
     weights must fit the network.
     """
@@ -147,6 +157,10 @@ def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path 
     from training import training_loop
 
     dataset.check_images(progress=True)  # a wrong image found mid-training would cost the run
+    if c.metrics:  # a missing detector or reference found at the first snapshot would too
+        from training import evaluation
+
+        evaluation.check_setup(c.metrics, c.metrics_ref, c.detector, "--metrics_ref")
     state = Path(resume) if resume not in (None, "auto") else None
     if resume == "auto" and run_dir.is_dir():
         state = training_loop.find_resume_state(run_dir)

@@ -3,7 +3,8 @@
 Generation: DDPM++ at its CIFAR-10 configuration (32x32, random weights: the cost does not depend on
 them), EDM's deterministic Heun sampler with 18 noise levels = 35 network evaluations, one generator
 per seed, uint8 quantisation included; images per second after one warm-up batch, and the
-projected time for 50,000 images. Feature extraction: uint8 32x32 images through the detector
+projected time for 50,000 images. With --guidance=W (W != 1) each case also runs guided by a second network of the
+same size (autoguidance's cost: two forward passes per evaluation, counted as such). Feature extraction: uint8 32x32 images through the detector
 (resized inside it), images per second, when a detector is available (--detector=PATH, the
 $PFGMPP_DETECTOR variable, or the download cache).
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.bench_perturbation import resolve_device, device_name  # noqa: E402
 from dnnlib.util import DownloadError  # noqa: E402
 from training import generation, metrics, networks, preconditioners, samplers  # noqa: E402
+from training.samplers.guidance import guided  # noqa: E402
 from training.metrics import detector as detectors  # noqa: E402
 
 
@@ -78,7 +80,8 @@ def time_features(det, device, batch: int, count: int) -> float:
 @click.option("--precisions", default=None, help="Comma-separated: fp32, tf32, bf16 [default: tf32,bf16 on cuda; fp32 on cpu]")
 @click.option("--detector", "detector_source", default=None, help="Detector path or URL [default: $PFGMPP_DETECTOR or the cache]")
 @click.option("--skip-generation", is_flag=True, help="Only time the detector")
-def main(device, arch, batch, count, steps, precisions, detector_source, skip_generation):
+@click.option("--guidance", type=float, default=None, help="Also time guided generation with this weight (a second network guides)")
+def main(device, arch, batch, count, steps, precisions, detector_source, skip_generation, guidance):
     """Print generation and feature-extraction throughput."""
     device = resolve_device(device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -88,9 +91,13 @@ def main(device, arch, batch, count, steps, precisions, detector_source, skip_ge
         net = cifar_network(arch, device)
         print(f"| {arch} 32x32, {2 * steps - 1} evaluations | img/s | 50k images |")
         print("|---|---|---|")
-        for precision in precisions:
-            rate = time_generation(net, device, batch, count, steps, precision)
-            print(f"| {precision} | {rate:.3g} | {50000 / rate / 60:.4g} min |", flush=True)
+        cases = [(precision, net) for precision in precisions]
+        if guidance is not None and guidance != 1:
+            pair = guided(net, cifar_network(arch, device), guidance)
+            cases += [(f"{precision}, guided (w={guidance:g}, {2 * (2 * steps - 1)} evaluations)", pair) for precision in precisions]
+        for name, model in cases:
+            rate = time_generation(model, device, batch, count, steps, precision=name.split(",")[0])
+            print(f"| {name} | {rate:.3g} | {50000 / rate / 60:.4g} min |", flush=True)
         del net
     try:
         det = detectors.load_detector(detector_source, device=device, progress=False)

@@ -1,4 +1,5 @@
-"""Benchmark: throughput of the DDPM++, NCSN++, ADM and EDM2-XS networks (training.networks).
+"""Benchmark: throughput of the DDPM++, NCSN++, ADM and EDM2-XS networks (training.networks), and of DDPM++ at
+64x64 (EDM's FFHQ configuration) beside EDM2-XS at 64x64.
 
 For each preset at its published configuration (DDPM++ / NCSN++ CIFAR-10 32x32 with 9 augmentation
 labels, ADM and EDM2-XS ImageNet 64x64 with 1000 classes) this prints forward (no_grad, eval) and forward+backward
@@ -41,6 +42,8 @@ PRESETS = {
     "ncsnpp": ("ncsnpp", dict(img_resolution=32, in_channels=3, out_channels=3, augment_dim=9), 42.8),
     "adm": ("adm", dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000), 219.0),
     "edm2-xs": ("edm2-xs", dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000), None),
+    # DDPM++ at 64x64 as EDM trains FFHQ / AFHQv2 (--cres=1,2,2,2): the like-for-like neighbour of EDM2-XS.
+    "ddpmpp-64": ("ddpmpp", dict(img_resolution=64, in_channels=3, out_channels=3, augment_dim=9, channel_mult=[1, 2, 2, 2]), None),
 }
 # On CPUs without native bfloat16 (oneDNN needs AVX512-BF16 or AMX) bf16 convolutions fall back to a
 # reference kernel ~50x slower than float32, so the CPU default leaves bf16 out: ask for it with --variants.

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("training", "torch_utils", "dnnlib")
-SCRIPTS = ("train.py", "generate.py", "fid.py", "dataset_tool.py")
+SCRIPTS = ("train.py", "generate.py", "fid.py", "dataset_tool.py", "reconstruct_phema.py")
 CLI_PLACES = ("training/cli/", "bench/", *SCRIPTS)
 
 

@@ -113,4 +113,4 @@ def test_each_preconditioner_declares_what_training_needs():
     assert preconditioners.EDMPrecond.out_channels(3) == 3
     assert preconditioners.iDDPMPrecond.out_channels(3) == 6  # a mean and a variance per channel
     assert preconditioners.PFGMPrecond.out_channels(3) == 4  # v_x and the channel whose mean is v_z
-    assert preconditioners.trainable() == ["edm", "vp", "ve", "pfgm"]  # iDDPM: imported networks only
+    assert preconditioners.trainable() == ["edm", "edm2", "vp", "ve", "pfgm"]  # iDDPM: imported networks only

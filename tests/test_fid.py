@@ -229,7 +229,7 @@ def test_an_existing_dest_is_replaced_only_with_overwrite(setup, tmp_path):
     assert metrics.load_reference(dest).count == 24
 
 
-@pytest.mark.parametrize("command", [[], ["calc"], ["ref"], ["gen"]])
+@pytest.mark.parametrize("command", [[], ["calc"], ["ref"], ["gen"], ["sweep"]])
 def test_short_help_option(command):
     """-h works like --help for the group and every subcommand, as in the other CLIs."""
     result = run([*command, "-h"])

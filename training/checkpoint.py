@@ -1,4 +1,4 @@
-"""Network snapshots in a format that loads without executing code, and import of EDM / PFGM++ files.
+"""Network snapshots in a format that loads without executing code, and import of EDM / PFGM++ / EDM2 files.
 
 A snapshot is one `torch.save` file holding only tensors and plain data, loadable with
 `torch.load(weights_only=True)`:
@@ -8,8 +8,9 @@ A snapshot is one `torch.save` file holding only tensors and plain data, loadabl
 The JSON config names an allow-listed class and its keyword arguments for each component (the
 preconditioner and the network inside it) and repeats D, sigma_data, the preconditioning kind,
 resolution, channels, label_dim and the provenance for readers. `load_network` also reads EDM's
-`network-snapshot-*.pkl` and `training-state-*.pt` and the PFGM++ reference's files through the
-allow-listed unpickler of `training.legacy`.
+`network-snapshot-*.pkl` and `training-state-*.pt`, the PFGM++ reference's files and EDM2's network pickles
+(`EDM2Precond`; its float16 weights are loaded into float32) through the allow-listed unpickler of
+`training.legacy`.
 
     pfgmpp-convert SRC DEST     # convert any supported file to a snapshot (training/cli/convert.py)
 """
@@ -189,7 +190,7 @@ def _read_native(path: Path, entry: str | None):
 
 
 def read_checkpoint(path_or_url, entry: str | None = None) -> tuple[dict, dict]:
-    """(config, state_dict) from a snapshot or training state of ours, or an EDM / PFGM++ checkpoint, by content.
+    """(config, state_dict) from a snapshot or training state of ours, or an EDM / PFGM++ / EDM2 checkpoint, by content.
 
     `entry` picks the network of a training state: 'ema' (default when present) or 'net'. A damaged or
     unknown file is a ValueError that says so; nothing in a file is executed.
@@ -220,6 +221,11 @@ def read_checkpoint(path_or_url, entry: str | None = None) -> tuple[dict, dict]:
     provenance = {"imported_from": path.name, "entry": entry}
     if isinstance(data.get("dataset_kwargs"), dict):
         provenance["dataset_kwargs"] = _to_json_lenient(data["dataset_kwargs"])
+    encoder = data.get("encoder")
+    if isinstance(encoder, legacy.PersistentRecord):  # EDM2's: pixels, or a VAE's latents (vae_name, scale, bias)
+        state = {k: v.tolist() if hasattr(v, "tolist") else v  # numpy arrays as lists
+                 for k, v in encoder.state.items() if not k.startswith("_")}
+        provenance["encoder"] = {"class_name": encoder.class_name, **_to_json_lenient(state)}
     config = {"format": FORMAT, "version": VERSION, "precond": precond, "model": model, "provenance": provenance}
     return _to_json(config), state_dict
 

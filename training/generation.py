@@ -22,6 +22,7 @@ from torch_utils.precision import configure as configure_precision
 from training import checkpoint, images, samplers
 from training.pfgmpp import format_D
 from training.samplers import SamplerSettings
+from training.samplers.guidance import guided
 
 PRECISIONS = ("fp32", "tf32", "bf16")  # of the network during sampling (fp16 is a training mode)
 
@@ -67,14 +68,18 @@ def check_image_shape(net, image_shape, where: str) -> None:
 
 
 def load_network(network: str, device, aug_dim: float | None = None, pfgmpp: bool | None = None,
-                 class_idx: int | None = None) -> torch.nn.Module:
-    """A network from any supported file or URL, checked against the options that must agree with it.
+                 class_idx: int | None = None, gnet: str | None = None, guidance: float = 1.0):
+    """A network from any supported file or URL, checked against the options that must agree with it, and
+    guided by `gnet` (or by itself, without labels) with weight `guidance` (`training.samplers.guidance`).
 
     Rank 0 reads (and for a URL downloads) it first; the other ranks then read the cached file.
     """
     net = distributed.main_first(lambda: checkpoint.load_network(network, device=device))
     check_network(net, aug_dim, pfgmpp, class_idx)
-    return net
+    if float(guidance) == 1.0:
+        return net  # D itself: the guide would cost an evaluation per call and change nothing
+    guide = None if gnet is None else distributed.main_first(lambda: checkpoint.load_network(gnet, device=device))
+    return guided(net, guide, guidance)
 
 
 MAX_SEEDS = 100_000_000  # per call: a list of them is kept in memory, and so many images take days

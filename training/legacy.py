@@ -1,4 +1,4 @@
-"""Read EDM and PFGM++ reference checkpoints without executing anything they contain.
+"""Read EDM, PFGM++ and EDM2 reference checkpoints without executing anything they contain.
 
 Their networks are "persistent classes": each pickles as a call to
 `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the source code of
@@ -6,6 +6,9 @@ the defining module, which a plain `pickle.load` executes. Here an allow-listed 
 call to a `PersistentRecord` holding the class name and the object's `__dict__` as data (the source is
 kept as text and never run), and maps plain torch modules (ModuleDict, ...) to `ModuleRecord`s. Any
 other global is refused with an error naming it. Both `.pkl` pickles and `.pt` torch zip archives are read.
+`network_parts` maps a recorded wrapper to this project's classes (`WRAPPERS`): EDM's preconditioners (with
+PFGM++'s `pfgmpp` and `D`) to ours of the same name, EDM2's `Precond` (float16 weights in its snapshots; they are
+converted on loading) to `EDM2Precond` with an `EDM2UNet`.
 """
 
 from __future__ import annotations
@@ -54,12 +57,45 @@ def _persistent(meta: dict) -> PersistentRecord:
     return PersistentRecord(str(meta.get("class_name")), str(meta.get("module_src", "")), meta["state"])
 
 
-def _numpy_scalar(dtype: np.dtype, data: bytes | None = None):
-    """numpy's pickled scalar, for numeric dtypes only (an object dtype would read raw pointers)."""
+def _numeric(dtype, what: str) -> np.dtype:
+    """`dtype` if it is numeric (an object dtype's data would be read as raw pointers), else UnsafeCheckpointError."""
     dtype = np.dtype(dtype)
     if dtype.hasobject or dtype.kind not in "biufcSUV?":
-        raise UnsafeCheckpointError(f"refusing a numpy scalar of dtype {dtype}")
+        raise UnsafeCheckpointError(f"refusing a numpy {what} of dtype {dtype}")
+    return dtype
+
+
+def _numpy_scalar(dtype: np.dtype, data: bytes | None = None):
+    """numpy's pickled scalar, for numeric dtypes only."""
+    dtype = _numeric(dtype, "scalar")
     return np.frombuffer(data, dtype=dtype, count=1)[0] if data is not None else dtype.type()
+
+
+class _NumericArray(np.ndarray):
+    """A numpy array as a pickle rebuilds it (protocols <= 4: empty, then its state), numeric dtypes only."""
+
+    def __setstate__(self, state) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], np.dtype)):
+            raise UnsafeCheckpointError("a numpy array has an unexpected pickled form")
+        _numeric(state[2], "array")
+        super().__setstate__(state)
+
+
+_NDARRAY = object()  # what the global numpy.ndarray names: a marker for `_numpy_array`, not a constructor
+
+
+def _numpy_array(subtype, shape, dtype) -> np.ndarray:
+    """numpy's `_reconstruct` (its shape and dtype are placeholders; the pickled state sets them, checked)."""
+    if subtype is not _NDARRAY:
+        raise UnsafeCheckpointError("refusing a numpy array of a class other than numpy.ndarray")
+    return _NumericArray(shape=(0,), dtype=np.uint8)
+
+
+def _numpy_frombuffer(buffer, dtype, shape, order: str = "C") -> np.ndarray:
+    """numpy's pickled array under protocol 5 (its bytes in band), numeric dtypes only."""
+    if order not in ("C", "F"):
+        raise UnsafeCheckpointError(f"refusing a numpy array of order {order!r}")
+    return np.frombuffer(buffer, dtype=_numeric(dtype, "array")).reshape(shape, order=order).copy()
 
 
 def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -93,6 +129,11 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "ndarray"): _NDARRAY,  # numpy arrays: in EDM2's snapshots, the latent encoder's scale and bias
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_array,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_array,
+    ("numpy.core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numpy_frombuffer,
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("dnnlib.util", "EasyDict"): dict,
@@ -175,31 +216,49 @@ def module_state_dict(record, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-# Constructor arguments of EDM's preconditioners, by class; everything else goes to the network.
-_PRECOND_KEYS = {
-    "EDMPrecond": ("sigma_min", "sigma_max", "sigma_data"),
-    "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t"),
-    "VEPrecond": ("sigma_min", "sigma_max"),
-    "iDDPMPrecond": ("C_1", "C_2", "M"),
+@dataclass(frozen=True)
+class Wrapper:
+    """How a foreign network wrapper (preconditioner) maps to this project's classes."""
+
+    precond: str  # this project's preconditioner class
+    keys: tuple[str, ...]  # its constructor arguments besides `COMMON_KEYS`; the rest go to the network
+    model: str  # the network class when the record names none (EDM's `model_type`)
+    prefix: str = "model."  # where the wrapper holds its network in the state_dict
+    defaults: dict = field(default_factory=dict)  # the foreign constructor's defaults that differ from ours
+
+
+# The wrappers read, by the class name their records carry.
+WRAPPERS = {
+    "EDMPrecond": Wrapper("EDMPrecond", ("sigma_min", "sigma_max", "sigma_data"), "DhariwalUNet"),
+    "VPPrecond": Wrapper("VPPrecond", ("beta_d", "beta_min", "M", "epsilon_t"), "SongUNet"),
+    "VEPrecond": Wrapper("VEPrecond", ("sigma_min", "sigma_max"), "SongUNet"),
+    "iDDPMPrecond": Wrapper("iDDPMPrecond", ("C_1", "C_2", "M"), "DhariwalUNet"),
+    # EDM2 (NVlabs/edm2, training/networks_edm2.py): `Precond(img_resolution, img_channels, label_dim, use_fp16=True,
+    # sigma_data=0.5, logvar_channels=128, **unet_kwargs)` holding its `UNet` as `unet`; a diffusion model (D = inf).
+    "Precond": Wrapper("EDM2Precond", ("sigma_data", "logvar_channels"), "EDM2UNet", prefix="unet.",
+                       defaults={"use_fp16": True}),
 }
-_COMMON_KEYS = ("img_resolution", "img_channels", "label_dim", "use_fp16")
-_DEFAULT_MODEL = {"EDMPrecond": "DhariwalUNet", "VPPrecond": "SongUNet", "VEPrecond": "SongUNet", "iDDPMPrecond": "DhariwalUNet"}
+COMMON_KEYS = ("img_resolution", "img_channels", "label_dim", "use_fp16")
 
 
 def network_parts(record: PersistentRecord) -> tuple[dict, dict, dict]:
-    """(precond config, model config, state_dict) of a recorded EDM / PFGM++ network wrapper.
+    """(precond config, model config, state_dict) of a recorded EDM / PFGM++ / EDM2 network wrapper.
 
     The model's out_channels is the preconditioner's to declare (`training.checkpoint` fills it in).
     """
-    if not isinstance(record, PersistentRecord) or record.class_name not in _PRECOND_KEYS:
+    wrapper = WRAPPERS.get(record.class_name) if isinstance(record, PersistentRecord) else None
+    if wrapper is None:
         found = record.class_name if isinstance(record, PersistentRecord) else type(record).__name__
-        raise ValueError(f"expected a network wrapper ({', '.join(_PRECOND_KEYS)}), found {found}")
+        raise ValueError(f"expected a network wrapper ({', '.join(WRAPPERS)}), found {found}")
+    if wrapper.prefix[:-1] not in (record.state.get("_modules") or {}):
+        raise ValueError(f"{record.class_name} holds no network under {wrapper.prefix[:-1]!r}: not the "
+                         f"{wrapper.precond} this program reads")
     if record.state.get("_init_args"):
         raise ValueError(f"{record.class_name} was built with positional arguments; only keyword arguments are read")
-    kwargs = dict(record.state.get("_init_kwargs") or {})
-    model_type = kwargs.pop("model_type", _DEFAULT_MODEL[record.class_name])
+    kwargs = {**wrapper.defaults, **(record.state.get("_init_kwargs") or {})}
+    model_type = kwargs.pop("model_type", wrapper.model)
     pfgmpp, D = kwargs.pop("pfgmpp", False), kwargs.pop("D", None)
-    precond_kwargs = {k: kwargs.pop(k) for k in _COMMON_KEYS + _PRECOND_KEYS[record.class_name] if k in kwargs}
+    precond_kwargs = {k: kwargs.pop(k) for k in COMMON_KEYS + wrapper.keys if k in kwargs}
     if pfgmpp and D is None:
         raise ValueError(f"{record.class_name} is marked pfgmpp but records no D")
     precond_kwargs["D"] = float(D) if pfgmpp else math.inf
@@ -210,8 +269,10 @@ def network_parts(record: PersistentRecord) -> tuple[dict, dict, dict]:
         "label_dim": precond_kwargs.get("label_dim", 0),
         **kwargs,
     }
+    state_dict = {("model." + k[len(wrapper.prefix):] if k.startswith(wrapper.prefix) else k): v
+                  for k, v in module_state_dict(record).items()}
     return (
-        {"class_name": record.class_name, "kwargs": precond_kwargs},
+        {"class_name": wrapper.precond, "kwargs": precond_kwargs},
         {"class_name": str(model_type), "kwargs": model_kwargs},
-        module_state_dict(record),
+        state_dict,
     )

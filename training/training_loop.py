@@ -16,6 +16,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -30,10 +31,11 @@ from dnnlib import util
 from dnnlib.util import EasyDict, atomic_write
 from torch_utils import distributed, precision, rng
 from torch_utils.rng import mixed_seed
-from training import checkpoint, images, networks, preconditioners, samplers
+from training import checkpoint, evaluation, generation, images, networks, phema, preconditioners, samplers
 from training.stats import TickStats
 
 STATE_FORMAT, STATE_VERSION = checkpoint.STATE_FORMAT, checkpoint.STATE_VERSION
+METRICS_BATCH = 64  # images per rank and batch of --metrics: fid.py gen's default
 STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
 
 
@@ -103,19 +105,21 @@ def find_resume_state(run_dir: Path) -> Path | None:
 
 
 def rewind_stats(run_dir: Path, step: int) -> int:
-    """Drop the ticks after `step` from stats.jsonl (written before a crash, redone after resuming);
-    return the number of ticks kept, where the tick count continues."""
-    path = Path(run_dir) / "stats.jsonl"
-    if not path.is_file():
-        return 0
-    kept = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-    with atomic_write(path, "w") as f:
-        f.write("".join(f"{line}\n" for line in kept))
-    return len(kept)
+    """Drop the lines after `step` from stats.jsonl and the metric-*.jsonl files (written before a crash, redone
+    after resuming); return the number of ticks kept, where the tick count continues."""
+    ticks = 0
+    for path in [Path(run_dir) / "stats.jsonl", *sorted(Path(run_dir).glob("metric-*.jsonl"))]:
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+        with atomic_write(path, "w") as f:
+            f.write("".join(f"{line}\n" for line in kept))
+        ticks = len(kept) if path.name == "stats.jsonl" else ticks
+    return ticks
 
 
 def read_state(path) -> dict:
@@ -147,12 +151,13 @@ def stale_outputs(run_dir: Path) -> list[Path]:
     Only this run writes into its directory, so at its start every temporary of a run output is stale, also
     those written before temporaries carried their writer's process id.
     """
-    names = ("training-state-", "network-snapshot-", "samples-", "stats.jsonl", "training_options.json", "log.txt")
+    names = ("training-state-", "network-snapshot-", "samples-", "stats.jsonl", "metric-", "training_options.json", "log.txt")
     return [p for p in Path(run_dir).glob(".tmp-*") if p.name[len(".tmp-"):].startswith(names)]
 
 
-def write_state(path: Path, net, ema, optimizer, step: int, cur_nimg: int, config: dict) -> None:
-    """Write a training state atomically (weights, EMA, optimizer, position)."""
+def write_state(path: Path, net, ema, optimizer, step: int, cur_nimg: int, config: dict, tracked: dict | None = None) -> None:
+    """Write a training state atomically (weights, EMA, optimizer, position; `tracked`: the power-function EMAs'
+    `state_dict()`). `ema` is the network a reader of the state gets: the classic EMA, else a tracked profile."""
     state = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -164,6 +169,9 @@ def write_state(path: Path, net, ema, optimizer, step: int, cur_nimg: int, confi
         "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
         "optimizer": optimizer.state_dict(),
     }
+    if tracked is not None:
+        state["phema"] = {"sigma_rel": tracked["sigma_rel"],
+                          "ema": [{k: v.detach().cpu() for k, v in sd.items()} for sd in tracked["ema"]]}
     with atomic_write(path) as f:
         torch.save(state, f)
 
@@ -209,8 +217,12 @@ def ema_beta(c: EasyDict, cur_nimg: int) -> float:
 
 
 def learning_rate(c: EasyDict, cur_nimg: int) -> float:
-    """Linear ramp-up over lr_rampup_kimg, then constant."""
-    return c.lr * min(cur_nimg / max(c.lr_rampup_kimg * 1000, 1e-8), 1.0)
+    """Linear ramp-up over lr_rampup_kimg, then constant (EDM) or, with lr_ref_batches t_ref > 0, EDM2's
+    inverse-square-root decay lr / sqrt(max(t / t_ref, 1)) after t = cur_nimg / batch_size steps."""
+    lr = c.lr
+    if c.get("lr_ref_batches"):
+        lr /= math.sqrt(max(cur_nimg / (c.lr_ref_batches * c.batch_size), 1.0))
+    return lr * min(cur_nimg / max(c.lr_rampup_kimg * 1000, 1e-8), 1.0)
 
 
 class Trainer:
@@ -226,7 +238,11 @@ class Trainer:
         self.net = build_network(c, dataset, device)
         if c.get("transfer"):
             transfer_weights(c.transfer, self.net)
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        # The classic EMA (EDM: --ema half-life) unless only power-function EMAs are tracked (EDM2: --ema_std).
+        self.classic = None
+        if c.ema_halflife_kimg > 0 or not c.get("ema_std"):
+            self.classic = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.phema = phema.PowerFunctionEMA(self.net, c.ema_std) if c.get("ema_std") else None
         fused = device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.eps, fused=fused or None)
         self.ddp = self.net
@@ -242,7 +258,13 @@ class Trainer:
         """Load weights, EMA, optimizer and position from a training state."""
         state = read_state(path)
         self.net.load_state_dict(state["net"])
-        self.ema.load_state_dict(state["ema"])
+        if self.classic is not None:
+            self.classic.load_state_dict(state["ema"])
+        if self.phema is not None:
+            if "phema" not in state:
+                raise ValueError(f"{path} holds no power-function EMA; resume it without --ema_std, or start a new run "
+                                 f"from its weights with --transfer={path}")
+            self.phema.load_state_dict(state["phema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
 
@@ -328,21 +350,39 @@ class Trainer:
         beta = ema_beta(c, self.cur_nimg)  # as EDM: from the images seen before this step (0 at the first: a copy)
         self.cur_nimg += c.batch_size
         self.step += 1
-        with torch.no_grad():
-            ema_params = list(self.ema.parameters())
-            torch._foreach_lerp_(ema_params, [p.detach() for p in self.net.parameters()], 1 - beta)
-            for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
-                b_ema.copy_(b_net)
+        if self.classic is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.classic.parameters()), [p.detach() for p in self.net.parameters()], 1 - beta)
+                for b_ema, b_net in zip(self.classic.buffers(), self.net.buffers()):
+                    b_ema.copy_(b_net)
+        if self.phema is not None:  # EDM2: after the step, from the images seen including it
+            self.phema.update(self.net, self.cur_nimg, c.batch_size)
+
+    @property
+    def ema(self) -> torch.nn.Module:
+        """The network of the sample grids and of a training state's readers: the classic EMA, else the tracked
+        power-function EMA of the largest sigma_rel."""
+        return self.classic if self.classic is not None else self.phema.items()[-1][1]
+
+    def averages(self) -> list[tuple[str, float | None, torch.nn.Module]]:
+        """(snapshot file name, sigma_rel or None for the classic EMA, network) of every tracked average."""
+        kimg = self.cur_nimg // 1000
+        found = [] if self.classic is None else [(f"network-snapshot-{kimg:06d}.pt", None, self.classic)]
+        if self.phema is not None:
+            found += [(phema.snapshot_name(kimg, s), s, module) for s, module in self.phema.items()]
+        return found
 
     # ------------------------------------------------------------------------------------------
     # Ticks, snapshots, states.
 
     def snapshot(self) -> None:
-        """Rank 0: the EMA network in the safe format, and a grid of samples from it."""
+        """Rank 0: every tracked EMA network in the safe format, and a grid of samples from `ema`."""
         kimg = self.cur_nimg // 1000
         provenance = {"run_dir": str(self.run_dir), "kimg": self.cur_nimg / 1000, "step": self.step,
                       "dataset": self.c.dataset_kwargs.get("path"), "training_options": "training_options.json"}
-        checkpoint.save_network(self.run_dir / f"network-snapshot-{kimg:06d}.pt", self.ema, provenance)
+        for name, sigma_rel, module in self.averages():
+            ema = {"halflife_kimg": self.c.ema_halflife_kimg} if sigma_rel is None else {"sigma_rel": sigma_rel}
+            checkpoint.save_network(self.run_dir / name, module, {**provenance, "ema": ema})
         if self.c.grid_count > 0:
             generators = [torch.Generator(self.device).manual_seed(s) for s in range(self.c.grid_count)]
             labels = None
@@ -352,11 +392,37 @@ class Trainer:
             x = settings.sample(self.ema, settings.prior_latents(self.ema, generators), labels)
             images.save_png(self.run_dir / f"samples-{kimg:06d}.png", images.grid(images.to_uint8(x).cpu().numpy()))
 
+    def open_metrics(self) -> None:
+        """Every rank, before training: the detector and reference statistics of --metrics (`evaluation`)."""
+        self.detector, self.reference = evaluation.open_setup(
+            self.c.metrics, self.c.metrics_ref, self.c.get("detector"), self.device, METRICS_BATCH,
+            min(self.c.workers, distributed.default_workers(3)), progress=distributed.is_main())
+
+    def evaluate_metrics(self, log: logging.Logger) -> None:
+        """Every rank, while training waits: --metrics of each tracked EMA network, exactly as `fid.py gen` with its
+        defaults scores the snapshot (seeds 0..metrics_num-1); rank 0 appends a line per network and metric to
+        metric-<name>.jsonl."""
+        precision = self.c.precision if self.c.precision in generation.PRECISIONS else "tf32"
+        for name, sigma_rel, module in self.averages():
+            score = evaluation.score(module, range(self.c.metrics_num), self.c.metrics, self.reference, self.detector,
+                                     self.device, samplers.SamplerSettings(), METRICS_BATCH, precision=precision)
+            if not distributed.is_main():
+                continue
+            for metric, results in score.by_metric.items():
+                record = dict(kimg=self.cur_nimg / 1000, step=self.step, snapshot=name, sigma_rel=sigma_rel,
+                              ema_halflife_kimg=self.c.ema_halflife_kimg if sigma_rel is None else None,
+                              value=next(iter(results.values())), results=results, images=score.num,
+                              seconds=score.seconds, nfe_per_batch=score.nfe_per_batch)
+                with open(self.run_dir / f"metric-{metric}.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info(f"{name}: {metric} {record['value']:.4g} ({score.num} images, {score.seconds:.0f} s)")
+
     def save_state(self) -> Path:
         """Rank 0: write training-state-NNNNNN.pt; the previous states stay intact on failure."""
         path = self.run_dir / f"training-state-{self.cur_nimg // 1000:06d}.pt"
         try:
-            write_state(path, self.net, self.ema, self.optimizer, self.step, self.cur_nimg, self.c)
+            write_state(path, self.net, self.ema, self.optimizer, self.step, self.cur_nimg, self.c,
+                        None if self.phema is None else self.phema.state_dict())
         except OSError as error:
             raise OSError(f"could not write {path} ({error}); earlier states in {self.run_dir} are intact") from None
         return path
@@ -367,9 +433,11 @@ class Trainer:
         nimg, t = self.cur_nimg - tick_start[0], time.time() - tick_start[1]
         peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
         stats.update(tick=tick, kimg=self.cur_nimg / 1000, step=self.step, lr=learning_rate(self.c, self.cur_nimg),
-                     ema_beta=ema_beta(self.c, self.cur_nimg - self.c.batch_size), sec_per_tick=t, sec_per_kimg=t / max(nimg / 1000, 1e-9),
+                     sec_per_tick=t, sec_per_kimg=t / max(nimg / 1000, 1e-9),
                      img_per_sec=nimg / max(t, 1e-9), peak_gpu_gib=peak_gpu,
                      cpu_rss_gib=psutil.Process().memory_info().rss / 2**30, timestamp=time.time())
+        if self.classic is not None:
+            stats["ema_beta"] = ema_beta(self.c, self.cur_nimg - self.c.batch_size)
         extra = self.loss_fn.tick_stats(self.device, stats["steps"])  # what the loss reports besides its value
         stats.update(extra)
         if distributed.is_main():
@@ -445,6 +513,8 @@ def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, aug
         tick = distributed.broadcast_object(rewind_stats(Path(run_dir), trainer.step) if distributed.is_main() else None)
         if distributed.is_main():
             log.info(f"resumed from {resume} at kimg {trainer.cur_nimg / 1000:.3f} (step {trainer.step})")
+    if c.get("metrics"):
+        trainer.open_metrics()
     batches = trainer.batches()
     references = trainer.batches(c.rbatch, mixed_seed(c.seed, 4)) if loss_fn.needs_reference else None
     total_nimg, stats = int(c.total_kimg * 1000), {}
@@ -461,14 +531,17 @@ def training_loop(c: EasyDict, run_dir: str | os.PathLike, dataset, loss_fn, aug
                 if trainer.cur_nimg > tick_start[0]:
                     stats = trainer.report_tick(tick, tick_start, log)
                     tick += 1
+                snapshot = done or bool(c.snapshot_ticks and tick % c.snapshot_ticks == 0)
                 if distributed.is_main():
-                    if done or (c.snapshot_ticks and tick % c.snapshot_ticks == 0):
+                    if snapshot:
                         trainer.snapshot()
                     if done or stop or (c.state_dump_ticks and tick % c.state_dump_ticks == 0):
                         path = trainer.save_state()
                         if stop:
                             log.info(f"received signal {flag.signal}: wrote {path.name}; resume with --resume=auto")
                 distributed.barrier()
+                if snapshot and c.get("metrics"):
+                    trainer.evaluate_metrics(log)
                 if done or stop:
                     break
                 tick_start = (trainer.cur_nimg, time.time())

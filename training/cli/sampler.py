@@ -58,6 +58,8 @@ def sampler_options(command):
         click.option("--corrector", help="pc: corrector [default: langevin]", type=click.Choice(list(score_sde.CORRECTORS))),
         click.option("--snr", help="pc: corrector signal-to-noise ratio [default: 0.16]", metavar="FLOAT", type=positive),
         click.option("--n_corrector", help="pc: corrector steps per level [default: 1]", metavar="INT", type=click.IntRange(min=1)),
+        click.option("--guidance", help="Guidance weight w: D_g + w (D - D_g); 1 = none", metavar="FLOAT", type=Float(), default=1.0, show_default=True),
+        click.option("--gnet", help="Guiding network D_g [default: the network itself without labels, if trained with --label_dropout]", metavar="PATH|URL"),
         click.option("--precision", help="Network arithmetic (tf32: TF32 matmuls on CUDA)", type=click.Choice(list(generation.PRECISIONS)), default="tf32", show_default=True),
         click.option("--aug_dim", help="Check that the network's D is this ('inf' for diffusion)", type=AugDim()),
         click.option("--pfgmpp", help="Check that the network is PFGM++ (finite D)", metavar="BOOL", type=bool),

@@ -18,11 +18,11 @@ from collections.abc import Iterable
 from training.metrics import detector, fid, inception_score, kid
 from training.metrics.base import Metric
 from training.metrics.features import FeatureStats, compute_stats, dataset_batches, open_images
-from training.metrics.reference import Reference, load_reference, open_reference, save_reference
+from training.metrics.reference import Reference, check_fits, is_dataset, load_reference, open_reference, save_reference
 
-__all__ = ["METRICS", "FeatureStats", "Metric", "Reference", "compute_stats", "dataset_batches", "detector", "evaluate",
-           "get", "load_reference", "open_images", "open_reference", "parse", "reference_needs", "save_reference",
-           "statistics"]
+__all__ = ["METRICS", "FeatureStats", "Metric", "Reference", "check_fits", "compute_stats", "dataset_batches", "detector", "evaluate",
+           "get", "is_dataset", "load_reference", "open_images", "open_reference", "parse", "ranking", "reference_needs",
+           "save_reference", "statistics"]
 
 METRICS: dict[str, Metric] = {
     "fid": fid.FID,
@@ -45,6 +45,12 @@ def parse(text: str) -> list[str]:
     if bad or not names:
         raise ValueError(f"choose among {', '.join(METRICS)} (comma-separated), got {text!r}")
     return names
+
+
+def ranking(name: str) -> tuple[str, bool]:
+    """(the result key that ranks networks by the metric `name`, whether higher is better): ('fid', False)."""
+    metric = get(name)
+    return metric.score or name, metric.higher_is_better
 
 
 def reference_needs(names: Iterable[str]) -> set[str]:

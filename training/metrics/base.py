@@ -16,13 +16,16 @@ class Metric:
 
     `compute(stats, reference, seed) -> {name: value}` reads the evaluated images' `FeatureStats` (moments
     always; the per-image rows named in `keeps`) and, when `reference` is set, the `Reference` (its
-    moments, or its features); `seed` seeds any random subsets.
+    moments, or its features); `seed` seeds any random subsets. Networks are ranked (`fid.py sweep`) by the result
+    `score` (default: the registered name), the higher the better with `higher_is_better`.
     """
 
     compute: Callable[..., dict]
     keeps: frozenset[str] = frozenset()
     reference: str | None = None
     description: str = ""
+    score: str | None = None
+    higher_is_better: bool = False
 
     def __post_init__(self):
         if not self.keeps <= set(KEEPS):

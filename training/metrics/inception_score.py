@@ -30,4 +30,4 @@ def compute(stats, reference, seed: int) -> dict:
     return {"is_mean": mean, "is_std": std}
 
 
-IS = Metric(compute, keeps=frozenset({"probs"}), description="Inception Score")
+IS = Metric(compute, keeps=frozenset({"probs"}), description="Inception Score", score="is_mean", higher_is_better=True)

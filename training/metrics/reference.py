@@ -105,10 +105,16 @@ def open_reference(
         mu, sigma = stats.mean_cov()
         return Reference(mu, sigma, stats.features.cpu().numpy(), len(dataset))
     reference = distributed.main_first(lambda: load_reference(ref))
-    if reference.mu.size != detector.feature_dim:
+    check_fits(reference, ref, needs, detector.feature_dim)
+    return reference
+
+
+def check_fits(reference: Reference, ref: str, needs: set[str], feature_dim: int) -> None:
+    """ValueError unless reference statistics read from `ref` suit a detector of `feature_dim` features and
+    hold what the metrics need (`needs`: "moments", "features")."""
+    if reference.mu.size != feature_dim:
         raise ValueError(f"{ref} holds statistics of {reference.mu.size} features per image, but the detector gives "
-                         f"{detector.feature_dim}: it was made with another detector; {RECOMPUTE} and this --detector")
+                         f"{feature_dim}: it was made with another detector; {RECOMPUTE} and this --detector")
     if "features" in needs and reference.features is None:
         raise ValueError(f"{ref} holds no features, which KID needs: make it with `fid.py ref --features=1`, "
                          "or pass the dataset itself as --ref")
-    return reference

@@ -5,6 +5,7 @@
 declarations) plus one line in `PRECONDITIONERS`; nothing else in the project switches on its name.
 
     edm    EDMPrecond / EDMLoss: EDM and PFGM++ for every D (training/preconditioners/edm.py)
+    edm2   EDM2Precond / EDM2Loss: EDM's preconditioning with EDM2's learned log-variance weighting, every D
     vp     VPPrecond / VPLoss: Score SDE's VP
     ve     VEPrecond / VELoss: Score SDE's VE
     iddpm  iDDPMPrecond: improved DDPM, for imported networks (no training objective)
@@ -15,16 +16,18 @@ from __future__ import annotations
 
 from training.preconditioners.base import Precond
 from training.preconditioners.edm import EDMLoss, EDMPrecond
+from training.preconditioners.edm2 import EDM2Loss, EDM2Precond
 from training.preconditioners.iddpm import iDDPMPrecond
 from training.preconditioners.pfgm import PFGMLoss, PFGMPrecond
 from training.preconditioners.ve import VELoss, VEPrecond
 from training.preconditioners.vp import VPLoss, VPPrecond
 
-__all__ = ["PRECONDITIONERS", "EDMLoss", "EDMPrecond", "PFGMLoss", "PFGMPrecond", "Precond", "VELoss", "VEPrecond",
-           "VPLoss", "VPPrecond", "by_class_name", "get", "iDDPMPrecond", "kind_of", "trainable"]
+__all__ = ["PRECONDITIONERS", "EDM2Loss", "EDM2Precond", "EDMLoss", "EDMPrecond", "PFGMLoss", "PFGMPrecond", "Precond",
+           "VELoss", "VEPrecond", "VPLoss", "VPPrecond", "by_class_name", "get", "iDDPMPrecond", "kind_of", "trainable"]
 
 PRECONDITIONERS: dict[str, type[Precond]] = {
     "edm": EDMPrecond,
+    "edm2": EDM2Precond,
     "vp": VPPrecond,
     "ve": VEPrecond,
     "iddpm": iDDPMPrecond,

@@ -6,7 +6,8 @@ draws=None)` returning the per-element loss. The training loop draws the random 
 passes each rank its rows as `draws`; when `loss_fn.needs_reference` it gathers a reference batch and passes it
 through `loss_fn.reference_batch`; it adds `loss_fn.tick_stats(device, steps)` to each tick's statistics.
 
-The denoising losses return lambda(sigma) ||D_theta(y + n, sigma) - target||^2; given the generator they are
+The denoising losses return lambda(sigma) ||D_theta(y + n, sigma) - target||^2 (`KernelLoss.denoising_loss`, which a
+loss that trains more of the network, such as EDM2's learned log-variance, overrides); given the generator they are
 deterministic: sigma is drawn first, then the kernel noise n ~ p_r (r = sigma sqrt(D); Gaussian at D = inf), so
 the D = inf path draws exactly what EDM's loss draws.
 """
@@ -83,6 +84,15 @@ class KernelLoss(Loss):
         data = y if reference is None else torch.cat([y, reference.to(y.dtype)])
         return pfgmpp.posterior_mean(perturbed, sigma, self.D, data, chunk=self.stf_chunk)
 
+    def denoising_loss(self, net, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, labels=None,
+                       augment_labels=None) -> torch.Tensor:
+        """Per-element lambda(sigma) (D_theta(x, sigma) - target)^2, sigma shaped [B, 1, ..., 1].
+
+        A loss that also trains another output of the network (EDM2's learned log-variance) overrides this.
+        """
+        denoised = net(x, sigma, labels, augment_labels=augment_labels)
+        return self.weight(sigma) * (denoised - target) ** 2
+
     def draw(self, shape, device, generator: rng.Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma [B], noise n [B, ...]) for a batch of `shape`: sigma first, then the kernel noise.
 
@@ -111,9 +121,8 @@ class KernelLoss(Loss):
             n = pfgmpp.sample_perturbation(y, sigma, self.D, generator)
         perturbed = y + n.to(y.dtype)
         sigma_b = sigma.reshape(-1, *([1] * (y.ndim - 1)))
-        denoised = net(perturbed, sigma_b, labels, augment_labels=augment_labels)
         target = self.target(y, perturbed, sigma, reference)
-        loss = self.weight(sigma_b) * (denoised - target) ** 2
+        loss = self.denoising_loss(net, perturbed, sigma_b, target, labels, augment_labels)
         if self.fp is not None:  # alpha (vector) + beta (scalar) FPE terms, added to every element of the sample
             probes = probes[0] if draws is not None and probes else self.fp.draw_probes(y.shape, y.device, generator)
             penalty = self.fp(net, perturbed, sigma, probes, labels, augment_labels)

@@ -6,7 +6,8 @@
 `prior_latents` draws the network's own prior (the PFGM++ kernel at the solver's first noise level; one
 generator per sample makes each sample independent of its batch) and `sample` integrates the latents to
 images, returning them in the latents' dtype. Pass the same options to both. The network evaluations a call
-used are written into `info` (a `SampleInfo`) when one is given. An option the chosen solver does not read
+used are written into `info` (a `SampleInfo`) when one is given. Any solver samples a guided denoiser
+(`training.samplers.guidance.guided`) like a network. An option the chosen solver does not read
 is an error (`UnknownOptions`); None means "the solver's default".
 
 `SOLVERS` maps each solver name to a `Solver` (training/samplers/base.py): its prior, its run function and
@@ -84,8 +85,8 @@ def sample(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
     entry, given = get(solver), check_options(solver, options)
     with torch.no_grad():
         x, nfe = entry.run(net, latents, class_labels, generator, **given)
-    if info is not None:
-        info.nfe = int(nfe)
+    if info is not None:  # a guided denoiser (training.samplers.guidance) evaluates two networks per call
+        info.nfe = int(nfe) * getattr(net, "evaluations_per_call", 1)
     return x
 
 
