@@ -13,7 +13,10 @@ Stages, each with a time cap (a stage that overruns is recorded as such and the 
   (forward + backward), peak memory;
 - torchrun: the same through torchrun with one rank (the NCCL set-up; NCCL refuses two ranks on one GPU);
 - sampling: generate.py's path, DDPM++ 32x32, 35 evaluations, batch 1024, tf32 and bf16: img/s and the
-  projected time for 50,000 images (goal <= 235 s on one H100-class GPU);
+  projected time for 50,000 images (goal <= 235 s on one H100-class GPU); and guided by a second DDPM++ (w = 2,
+  70 evaluations), the cost of guidance;
+- networks: EDM2-XS beside DDPM++ at 64x64 (bench/bench_networks.py), forward and forward+backward img/s, bf16
+  with channels_last, batch 64;
 - features: the FID statistics path with an Inception-v3-sized stand-in detector (torchvision's Inception-v3
   with random weights; the real weights cannot be fetched here): img/s, projected 50k (goal <= 60 s).
 
@@ -24,6 +27,7 @@ toy values. It prints figures and asserts nothing about them.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
@@ -48,10 +52,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench.bench_draws import per_rank_costs  # noqa: E402
+from bench.bench_networks import measure_preset  # noqa: E402
 from bench.bench_generate import cifar_network, time_features, time_generation  # noqa: E402
 from bench.bench_perturbation import device_name, time_cases  # noqa: E402
 from bench.bench_training import PEAKS  # noqa: E402
 from training.pfgmpp import sample_perturbation  # noqa: E402
+from training.samplers.guidance import guided  # noqa: E402
 
 GFLOP_PER_IMAGE = 127.0  # DDPM++ at CIFAR-10, forward + backward (bench/bench_training.py counts it)
 GOALS = {"kernel_ratio": 2.0, "sampling_50k_s": 235.0, "features_50k_s": 60.0}
@@ -194,10 +200,26 @@ def stage_sampling(run: Run, cap: float) -> dict:
     else:
         net, batch, count, steps = cifar_network("ddpmpp", run.device), 1024, 4096, 18
     results = {}
-    for precision in (("tf32", "bf16") if run.device.type == "cuda" else ("fp32",)):
+    precisions = ("tf32", "bf16") if run.device.type == "cuda" else ("fp32",)
+    for precision in precisions:
         rate = time_generation(net, run.device, batch, count, steps, precision)
         results[precision] = dict(img_per_sec=rate, projected_50k_s=50000 / rate)
+    pair = guided(net, copy.deepcopy(net), 2.0)  # autoguidance's cost: a second network of the same size
+    rate = time_generation(pair, run.device, batch, count, steps, precisions[-1])
+    results[f"{precisions[-1]}, guided"] = dict(img_per_sec=rate, projected_50k_s=50000 / rate)
     return dict(evaluations=2 * steps - 1, batch=batch, goal_50k_s=GOALS["sampling_50k_s"], precisions=results)
+
+
+def stage_networks(run: Run, cap: float) -> dict:
+    """EDM2-XS and DDPM++ at 64x64 (16x16 and narrower with --quick): forward and forward+backward img/s."""
+    cuda = run.device.type == "cuda"
+    variant, batch, repeats = ("bf16+cl", 64, 5) if cuda else ("fp32", 2, 1)
+    overrides = {} if not run.quick else dict(img_resolution=16, model_channels=64)
+    found = {}
+    for name in ("ddpmpp-64", "edm2-xs"):
+        m = measure_preset(name, run.device, batch, [variant], 1, repeats, **overrides)
+        found[name] = dict(resolution=m["resolution"], params=m["params"], gflop_step=m["gflop_step"], **m["variants"][variant])
+    return dict(variant=variant, batch=batch, presets=found)
 
 
 class _Features(torch.nn.Module):
@@ -240,14 +262,16 @@ def stage_features(run: Run, cap: float) -> dict:
 
 
 STAGES: list[tuple[str, float, Callable[[Run, float], dict]]] = [
-    ("gpu_tests", 90.0, stage_gpu_tests),
+    ("gpu_tests", 75.0, stage_gpu_tests),
     ("kernel", 20.0, stage_kernel),
-    ("train", 110.0, stage_train),
-    ("torchrun", 35.0, stage_torchrun),
+    ("train", 105.0, stage_train),
+    ("torchrun", 30.0, stage_torchrun),
     ("sampling", 25.0, stage_sampling),
     ("features", 20.0, stage_features),
+    ("networks", 25.0, stage_networks),
 ]
-QUICK_CAPS = {"gpu_tests": 20.0, "kernel": 8.0, "train": 20.0, "torchrun": 20.0, "sampling": 5.0, "features": 5.0}
+QUICK_CAPS = {"gpu_tests": 20.0, "kernel": 8.0, "train": 20.0, "torchrun": 20.0, "sampling": 5.0, "features": 5.0,
+              "networks": 10.0}
 
 
 def run_stage(run: Run, name: str, cap: float, fn: Callable[[Run, float], dict]) -> None:
@@ -319,6 +343,10 @@ def markdown(report: dict) -> str:
         row("torchrun", f"1 rank ({s['torchrun']['backend']}) img/s", s["torchrun"]["img_per_sec"])
     for name, v in s.get("sampling", {}).get("precisions", {}).items():
         row("sampling", f"{name} img/s, 50k in s", f"{v['img_per_sec']:.4g}, {v['projected_50k_s']:.4g}", "<= 235 s")
+    for name, v in s.get("networks", {}).get("presets", {}).items():
+        if v.get("status") == "ok":
+            row("networks", f"{name} {v['resolution']}x{v['resolution']} {s['networks']['variant']} img/s forward, fwd+bwd",
+                f"{v['forward_img_per_sec']:.4g}, {v['step_img_per_sec']:.4g}")
     if "img_per_sec" in s.get("features", {}):
         row("features", "img/s, 50k in s", f"{s['features']['img_per_sec']:.4g}, {s['features']['projected_50k_s']:.4g}",
             "<= 60 s")

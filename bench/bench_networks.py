@@ -124,21 +124,21 @@ def make_steps(net: torch.nn.Module, fn: Callable, args: tuple, device: torch.de
     return forward, forward_backward
 
 
-def bench_preset(name: str, device: torch.device, batch: int, variants: list[str], warmup: int, repeats: int) -> None:
-    """Build one preset, count its FLOPs, time every variant and print one row per variant."""
+def measure_preset(name: str, device: torch.device, batch: int, variants: list[str], warmup: int, repeats: int,
+                   **overrides) -> dict:
+    """Build one preset (`overrides` change its keywords, e.g. a smaller resolution), count its FLOPs and time every
+    variant: {"resolution", "params", "gflop_forward", "gflop_step", "reference", "variants": {variant: figures}}."""
     arch, kwargs, reference = PRESETS[name]
+    kwargs = {**kwargs, **overrides}
     torch.manual_seed(0)
     net = build_network(arch, **kwargs).to(device)
-    params = sum(p.numel() for p in net.parameters())
     fwd_flops, step_flops = count_flops(net, make_inputs(net, batch, device, False, False))
-    reference = format(reference, "g") if reference else "n/a"
-    print(f"{name}: {kwargs['img_resolution']}x{kwargs['img_resolution']}, {params / 1e6:.2f} M parameters, "
-          f"{fwd_flops / batch / 1e9:.1f} GFLOP/img forward (reference {reference}), "
-          f"{step_flops / batch / 1e9:.1f} GFLOP/img forward+backward")  # fmt: skip
+    found = dict(resolution=kwargs["img_resolution"], params=sum(p.numel() for p in net.parameters()),
+                 gflop_forward=fwd_flops / batch / 1e9, gflop_step=step_flops / batch / 1e9, reference=reference, variants={})
     for variant in variants:
         precision, channels_last, compiled = parse_variant(variant)
         if precision == "fp16" and device.type != "cuda":
-            print(f"  {variant:<20} skipped: EDM's fp16 mode runs on CUDA only")
+            found["variants"][variant] = dict(status="skipped: EDM's fp16 mode runs on CUDA only")
             continue
         net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         args = make_inputs(net, batch, device, channels_last, precision == "fp16")
@@ -147,13 +147,30 @@ def bench_preset(name: str, device: torch.device, batch: int, variants: list[str
             steps = make_steps(net, fn, args, device, precision)
             ms_fwd, ms_step = (time_cases([step], device, warmup, repeats, 1)[0] for step in steps)
         except Exception as error:  # e.g. no C++ compiler for torch.compile: report and go on
-            print(f"  {variant:<20} failed: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
+            found["variants"][variant] = dict(status=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
             continue
-        print(f"  {variant:<20} forward {batch / ms_fwd * 1e3:>9.1f} img/s {fwd_flops / ms_fwd / 1e9:>8.3f} TFLOP/s   "
-              f"fwd+bwd {batch / ms_step * 1e3:>9.1f} img/s {step_flops / ms_step / 1e9:>8.3f} TFLOP/s")  # fmt: skip
+        found["variants"][variant] = dict(status="ok", forward_img_per_sec=batch / ms_fwd * 1e3,
+                                          step_img_per_sec=batch / ms_step * 1e3, forward_tflops=fwd_flops / ms_fwd / 1e9,
+                                          step_tflops=step_flops / ms_step / 1e9)
     del net
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return found
+
+
+def bench_preset(name: str, device: torch.device, batch: int, variants: list[str], warmup: int, repeats: int) -> None:
+    """`measure_preset`, printed: a header line and one row per variant."""
+    m = measure_preset(name, device, batch, variants, warmup, repeats)
+    reference = format(m["reference"], "g") if m["reference"] else "n/a"
+    print(f"{name}: {m['resolution']}x{m['resolution']}, {m['params'] / 1e6:.2f} M parameters, "
+          f"{m['gflop_forward']:.1f} GFLOP/img forward (reference {reference}), "
+          f"{m['gflop_step']:.1f} GFLOP/img forward+backward")  # fmt: skip
+    for variant, v in m["variants"].items():
+        if v["status"] != "ok":
+            print(f"  {variant:<20} {v['status']}")
+            continue
+        print(f"  {variant:<20} forward {v['forward_img_per_sec']:>9.1f} img/s {v['forward_tflops']:>8.3f} TFLOP/s   "
+              f"fwd+bwd {v['step_img_per_sec']:>9.1f} img/s {v['step_tflops']:>8.3f} TFLOP/s")  # fmt: skip
 
 
 @click.command()

@@ -34,6 +34,9 @@ def test_quick_acceptance_writes_every_figure(tmp_path):
     assert stages["torchrun"]["backend"] == "gloo" and stages["torchrun"]["img_per_sec"] > 0
     assert stages["sampling"]["precisions"]["fp32"]["projected_50k_s"] > 0 and stages["sampling"]["evaluations"] == 5
     assert stages["features"]["img_per_sec"] > 0
+    assert stages["sampling"]["precisions"]["fp32, guided"]["img_per_sec"] > 0
+    presets = stages["networks"]["presets"]
+    assert presets["edm2-xs"]["status"] == presets["ddpmpp-64"]["status"] == "ok" and presets["edm2-xs"]["step_img_per_sec"] > 0
     table = (tmp_path / "acceptance.md").read_text()
     assert "toy sizes" in table and "| train | fp32 img/s" in table and "torch 2" in table
 
