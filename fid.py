@@ -122,7 +122,7 @@ def calc(image_path, num_expected, seed, workers, ref, wanted, out, batch_size, 
 
     with exit_on_signals(), user_errors():
         check_output(out, "--out", overwrite=True)
-        dataset = metrics.open_images(image_path, num_expected, seed)
+        dataset = metrics.image_dataset(image_path, num_expected, seed)
         det = metrics.detector.load_shared(detector_source, device)
         needs = metrics.reference_needs(wanted)
         reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, workers, progress=True)
@@ -146,7 +146,7 @@ def ref(dataset_path, dest, overwrite, keep_features, workers, batch_size, detec
 
     with exit_on_signals(), user_errors():
         check_output(dest, "--dest", overwrite)
-        dataset = metrics.open_images(dataset_path)
+        dataset = metrics.image_dataset(dataset_path)
         det = metrics.detector.load_shared(detector_source, device)
         keep = {"features"} if keep_features else set()
         batches = metrics.dataset_batches(dataset, batch_size, workers, progress=True)
@@ -176,7 +176,7 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_s
 
     with exit_on_signals(), user_errors():
         check_output(out, "--out", overwrite=True)
-        net = generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
+        net = generation.load_guided(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
                                       opts.get("guidance", 1.0))
         reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
         result = evaluation.score(net, seed_list, wanted, reference, det, device, settings, batch_size, class_idx,
@@ -254,7 +254,7 @@ def sweep_command(networks, ranges, num, class_idx, ref, wanted, out, plot, batc
         if pending:
             reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
         for i, todo in pending:
-            net = generation.load_network(networks[i].path, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx,
+            net = generation.load_guided(networks[i].path, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx,
                                           opts.get("gnet"), opts["guidance"])
             for j in todo:
                 result = evaluation.score(net, ranges[j], wanted, reference, det, device, settings, batch_size, class_idx,
@@ -270,7 +270,7 @@ def _sweep_ranges(ranges: list[range] | None, num: int | None) -> list[range]:
         return [range(50000 if num is None else num)]
     wrong = [r for r in ranges if num is not None and len(r) != num]
     if wrong:
-        raise click.UsageError(f"--seeds range {sweep.seed_text(wrong[0])} holds {len(wrong[0])} seeds but --num={num}; "
+        raise click.UsageError(f"--seeds range {evaluation.seed_ranges_text(wrong[0])} holds {len(wrong[0])} seeds but --num={num}; "
                                "give one or make them agree")
     return ranges
 
@@ -290,12 +290,12 @@ def _keep(records, record: dict) -> None:
     """Rank 0: write an evaluation's record at once and say it."""
     records.add(record)
     values = ", ".join(f"{k} {v:g}" for k, v in record["results"].items())
-    click.echo(f"{sweep.describe(record['network']).name} seeds {record['seeds']}: {values} ({record['seconds']:.1f} s)")
+    click.echo(f"{sweep.network_of(record['network']).name} seeds {record['seeds']}: {values} ({record['seconds']:.1f} s)")
 
 
 def _report(records, networks, ranges, key, wanted, plot) -> None:
     """Rank 0: a table per metric with the best marked; the best into the file; the plot."""
-    best = {"settings": key, "seeds": [sweep.seed_text(r) for r in ranges], "metrics": {}}
+    best = {"settings": key, "seeds": [evaluation.seed_ranges_text(r) for r in ranges], "metrics": {}}
     for name in wanted:
         rows = sweep.table_rows(records, networks, ranges, key, wanted, name)
         top = sweep.best(rows, name)

@@ -30,7 +30,8 @@ import torch
 from dnnlib import util
 from torch_utils import distributed
 from torch_utils.precision import configure as configure_precision
-from training import generation, images
+from training import generation
+from training.generation import images
 from training.cli import user_errors
 from training.cli.sampler import SeedList, sampler_options, settings_from_options
 from training.pfgmpp import format_D
@@ -63,7 +64,7 @@ def check_outputs(outdir: Path | None, grid: str | None, paths, overwrite: bool)
 def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
     """The network, checked against the options that must agree with it; errors as click errors."""
     with user_errors():
-        return generation.load_network(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
+        return generation.load_guided(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
                                        opts.get("guidance", 1.0))
 
 
@@ -107,7 +108,7 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
     distributed.print0(f"{name}, D={format_D(net.D)}: "
                        f"{work} on {distributed.get_world_size()} rank(s)")
     if modes:
-        with user_errors(), configure_precision(opts["precision"], device, generation.PRECISIONS):
+        with user_errors(), configure_precision(opts["precision"], device, generation.SAMPLING_PRECISIONS):
             _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
                          interpolate, frames, temperature, overwrite)
         distributed.print0("done")
@@ -139,7 +140,7 @@ def _floats(text: str | None) -> list[float] | None:
 def _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
                  interpolate, frames, temperature, overwrite) -> None:
     """--encode, --interpolate or --temperature (training/latents.py); grids are written by rank 0."""
-    from training import latents
+    from training.generation import latents
     from training.datasets import ImageFolderDataset
 
     if encode:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.bench_perturbation import device_name, resolve_device, time_cases  # noqa: E402
 from torch_utils import rng  # noqa: E402
-from training.preconditioners import EDMLoss  # noqa: E402
+from training.losses import EDMLoss  # noqa: E402
 
 RANKS = (1, 8, 64)
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.bench_perturbation import resolve_device, device_name  # noqa: E402
 from torch_utils import rng  # noqa: E402
-from training import likelihood, networks, preconditioners  # noqa: E402
+from training import losses, networks, preconditioners  # noqa: E402
+from training.generation import likelihood  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -71,8 +72,8 @@ def main(device, resolution, cbase, batch, repeats):
     torch.manual_seed(0)
     net = network(resolution, cbase, device).train()
     images = torch.rand([batch, 3, resolution, resolution], device=device) * 2 - 1
-    plain = time_step(net, preconditioners.EDMLoss(), images, device, repeats)
-    regularised = time_step(net, preconditioners.EDMLoss(fp=dict(alpha=0.15, beta=0.01)), images, device, repeats)
+    plain = time_step(net, losses.EDMLoss(), images, device, repeats)
+    regularised = time_step(net, losses.EDMLoss(fp=dict(alpha=0.15, beta=0.01)), images, device, repeats)
     print(f"{device_name(device)}: DDPM++ {resolution}x{resolution}, batch {batch}")
     print(f"  training step: {plain:.3f} s plain, {regularised:.3f} s with the FP regulariser ({regularised / plain:.1f}x)")
     net.eval().requires_grad_(False)

@@ -1,6 +1,6 @@
 """Training throughput: img/s and model FLOP utilisation of full training steps (benchmark, not a test).
 
-Runs the real `training.training_loop.Trainer` (loss, PFGM++ noise, backward, Adam, EMA) on random
+Runs the training loop's own step (`training.train.step.TrainStep`: loss, PFGM++ noise, backward, Adam) on random
 uint8 data of the preset's published resolution, so data loading from disk is not measured.
 
     python bench/bench_training.py --arch=ddpmpp --batch=512 --precision=bf16          # on a GPU
@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from training import config as config_lib
-from training.training_loop import Trainer, set_precision
+from training import networks
+from training.train import config as config_lib
+from training.train import data, setup
+from training.train.stats import TickStats
+from training.train.step import TrainStep, optimizer
 
 # Dense peak TFLOP/s by (device name fragment, precision); SXM parts, from NVIDIA's data sheets.
 PEAKS = {("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "tf32"): 494.0, ("H100", "fp32"): 67.0,
@@ -43,15 +46,15 @@ class RandomImages:
         return self.data[i], np.zeros([0], dtype=np.float32)
 
 
-def _flops_per_image(trainer: Trainer, batches, batch_gpu: int) -> float:
+def _flops_per_image(train_step: TrainStep, batches, batch_gpu: int) -> float:
     with FlopCounterMode(display=False) as counter:
-        trainer.train_step(batches)
-    return counter.get_total_flops() / (trainer.rounds * batch_gpu)
+        train_step(0, 0, batches, None)
+    return counter.get_total_flops() / (train_step.rounds * batch_gpu)
 
 
 @click.command()
 @click.option("--arch", type=click.Choice(["ddpmpp", "ncsnpp", "adm"]), default="ddpmpp", show_default=True)
-@click.option("--resolution", type=int, default=None, help="[default: 32, adm 64]")
+@click.option("--resolution", type=int, default=None, help="[default: the preset's published one: 32, adm 64]")
 @click.option("--batch", type=int, default=512, show_default=True)
 @click.option("--batch_gpu", type=int, default=None)
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="bf16", show_default=True)
@@ -64,29 +67,31 @@ def _flops_per_image(trainer: Trainer, batches, batch_gpu: int) -> float:
 @click.option("--peak_tflops", type=float, default=None)
 def main(arch, resolution, batch, batch_gpu, precision, aug_dim, cbase, compile_, channels_last, steps, warmup, peak_tflops):
     """Time full training steps and print img/s, TFLOP/s and MFU."""
-    resolution = resolution or (64 if arch == "adm" else 32)
-    c = config_lib.training_config(data="random", arch=arch, pfgmpp_on=True, aug_dim=aug_dim, batch=batch,
+    resolution = resolution or networks.preset(arch).resolution
+    c = config_lib.training_config(data="random", arch=arch, pfgmpp=True, aug_dim=aug_dim, batch=batch,
                                    batch_gpu=batch_gpu, cbase=cbase, precision=precision, compile=compile_,
                                    channels_last=channels_last, augment=0, dropout=0.13, workers=0, lr_rampup=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    set_precision(c, device)
+    setup.set_precision(c, device)
     dataset = RandomImages(resolution)
-    trainer = Trainer(c, run_dir=".", dataset=dataset, device=device, loss_fn=config_lib.build_loss(c))
-    batches = trainer.batches()
-    flops = _flops_per_image(trainer, batches, c.batch_gpu)
-    for _ in range(warmup):
-        trainer.train_step(batches)
+    net = setup.build_denoiser(c, dataset, device)
+    train_step = TrainStep(c, net, setup.distributed_model(net, c, device), optimizer(c, net, device),
+                           config_lib.build_loss(c), None, dataset, TickStats(device), 0, 1, device)
+    batches = data.training_batches(dataset, c, 0, device)
+    flops = _flops_per_image(train_step, batches, c.batch_gpu)
+    for i in range(warmup):
+        train_step(i, i * batch, batches, None)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(batches)
+    for i in range(warmup, warmup + steps):
+        train_step(i, i * batch, batches, None)
     sync()
     seconds = time.perf_counter() - start
     img_s = steps * batch / seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_tflops or next((v for (k, p), v in PEAKS.items() if k in name and p == precision), None)
-    params = sum(p.numel() for p in trainer.net.parameters())
+    params = sum(p.numel() for p in net.parameters())
     print(f"device:     {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"config:     {arch} {resolution}x{resolution}, {params / 1e6:.2f} M parameters, D={aug_dim:g}, batch {batch} "
           f"(per round {c.batch_gpu}), {precision}{', compiled' if compile_ else ''}{', channels_last' if channels_last else ''}")

@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from training import networks, preconditioners, training_loop
+from training import checkpoint, networks, preconditioners
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--nblock=1", "--attn=4", "--dropout=0", "--augment=0",
@@ -74,9 +74,9 @@ def run_train(outdir: Path, args: list[str], nproc: int = 1, check: bool = True)
 
 def final_state(outdir: Path) -> dict:
     """The newest readable training state of a run directory."""
-    path = training_loop.find_resume_state(outdir)
+    path = checkpoint.find_resume_state(outdir)
     assert path is not None, list(outdir.iterdir())
-    return training_loop.read_state(path)
+    return checkpoint.read_state(path)
 
 
 def assert_weights(a: dict, b: dict, exact: bool) -> None:

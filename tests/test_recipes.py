@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from training import config
+from training import config, networks
 from training.training_loop import learning_rate
 
 
@@ -52,3 +52,10 @@ def test_resume_refuses_another_decay():
     saved = config.training_config(data="x.zip", arch="edm2-xs")
     now = config.training_config(data="x.zip", arch="edm2-xs", lr_decay=1000)
     assert config.resume_mismatches(saved, now) == ["--lr_decay 35000 in the state, 1000 now"]
+
+
+def test_edm2_with_augmentation_is_refused_before_anything_is_built():
+    """train.py checks the network's options with `check_network` before the run directory exists."""
+    with pytest.raises(ValueError, match="EDM2UNet takes no augmentation labels.*--augment=0"):
+        networks.check_network("EDM2UNet", 64, 3, 3, augment_dim=9)
+    networks.check_network("EDM2UNet", 64, 3, 3, augment_dim=0)

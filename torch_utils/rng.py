@@ -7,12 +7,19 @@ generation). `CounterStreams` give the same guarantee without a loop over sample
 is a function of the stream's key `i` and of the draw's position, computed for the whole batch at once
 (training draws only this rank's rows of the global batch with them). Nothing here touches the global RNG
 except the `None` case, which uses it as torch does.
+
+Network code draws too (weight initialisation, dropout, label dropout) behind the network's fixed call
+signature; `network_draws(generator)` scopes those draws to an explicit generator, which training uses for
+the initial weights and for each step's dropout (`network_generator`, `dropout`), so nothing reseeds torch's
+global generator.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import numpy as np
@@ -176,3 +183,37 @@ def randn_like_fn(generator: Generators) -> Callable[[torch.Tensor], torch.Tenso
         return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
     return randn_like
+
+
+# ----------------------------------------------------------------------------------------------
+# Draws made inside network code: weight initialisation, dropout, label dropout.
+
+_NETWORK_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar("network_generator", default=None)
+
+
+@contextlib.contextmanager
+def network_draws(generator: torch.Generator) -> Iterator[torch.Generator]:
+    """Inside this block, the draws of network code (initial weights, dropout masks) come from `generator`."""
+    token = _NETWORK_GENERATOR.set(generator)
+    try:
+        yield generator
+    finally:
+        _NETWORK_GENERATOR.reset(token)
+
+
+def network_generator() -> torch.Generator | None:
+    """The generator of `network_draws` in effect, or None (torch's global generator, as torch's own layers use)."""
+    return _NETWORK_GENERATOR.get()
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`torch.nn.functional.dropout` drawing its mask from the generator of `network_draws`, when one is set.
+
+    On the CPU the mask is drawn as torch's own dropout draws it (a Bernoulli(1 - p) tensor like x, divided by
+    1 - p), so a generator seeded like the global one gives the same mask.
+    """
+    generator = _NETWORK_GENERATOR.get()
+    if generator is None or not training or p == 0 or x.numel() == 0:
+        return torch.nn.functional.dropout(x, p=p, training=training)
+    keep = 1.0 - p
+    return x * torch.empty_like(x).bernoulli_(keep, generator=generator).div_(keep)

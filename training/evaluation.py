@@ -69,7 +69,7 @@ def check_setup(names: Sequence[str], ref: str | None, detector_source: str | No
     reference = None
     if ref is not None:  # the cheap checks first: a missing file is found before a detector download
         if metrics.is_dataset(ref):
-            metrics.open_images(ref)
+            metrics.image_dataset(ref)
         else:
             reference = metrics.load_reference(ref)
     detector = metrics.detector.load_detector(detector_source, device="cpu")

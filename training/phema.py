@@ -110,8 +110,11 @@ def check_profiles(sigma_rels: Sequence[float]) -> list[float]:
     return profiles
 
 
-def snapshot_name(kimg: int, sigma_rel: float, prefix: str = SNAPSHOT_PREFIX) -> str:
-    """'network-snapshot-000123-0.100.pt': the snapshot of a tracked profile at kimg = images // 1000."""
+def snapshot_name(kimg: int, sigma_rel: float | None = None, prefix: str = SNAPSHOT_PREFIX) -> str:
+    """'network-snapshot-000123-0.100.pt': the snapshot of a tracked profile at kimg = images // 1000; without
+    sigma_rel, the classic EMA's 'network-snapshot-000123.pt'."""
+    if sigma_rel is None:
+        return f"{prefix}-{int(kimg):06d}.pt"
     return f"{prefix}-{int(kimg):06d}-{float(sigma_rel):.3f}.pt"
 
 
@@ -291,7 +294,7 @@ def _combine(plan: Reconstruction, columns: list[int]) -> list[torch.nn.Module]:
     for i, snapshot in enumerate(plan.snapshots):
         config, state = checkpoint.read_checkpoint(snapshot.path)
         if first is None:
-            first, nets = _network_of(config), [checkpoint.build_network(config) for _ in columns]
+            first, nets = _network_of(config), [checkpoint.network_from_config(config) for _ in columns]
             shapes = {name: p.shape for name, p in nets[0].named_parameters()}
             sums = [[torch.zeros(shape, dtype=torch.float32) for shape in shapes.values()] for _ in columns]
         if _network_of(config) != first or any(name not in state or state[name].shape != shape

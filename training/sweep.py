@@ -20,7 +20,6 @@ class) are the same and it holds the metrics asked for; records of other setting
 from __future__ import annotations
 
 import datetime
-import functools
 import glob
 import json
 import os
@@ -59,7 +58,7 @@ class Network:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def describe(path: str) -> Network:
+def network_of(path: str) -> Network:
     """The Network of a path: kimg and sigma_rel from `network-snapshot-NNNNNN[-S.SSS].pt` and `PREFIX-NNNNNN-S.SSS.pt`."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
     parsed = phema.parse_snapshot_name(name)
@@ -76,7 +75,7 @@ def _order(network: Network) -> tuple:
 
 def _snapshots_in(folder: Path) -> list[Path]:
     """The network snapshots of a run directory or of a reconstruction's output folder."""
-    return [p for p in folder.iterdir() if p.is_file() and describe(p.name).kimg is not None]
+    return [p for p in folder.iterdir() if p.is_file() and network_of(p.name).kimg is not None]
 
 
 def _expand(spec: str) -> list[str]:
@@ -107,7 +106,7 @@ def find_networks(specs: Sequence[str]) -> list[Network]:
         for spec in (s.strip() for s in text.split(",")):
             if spec:
                 for path in _expand(spec):
-                    found.setdefault(path, describe(path))
+                    found.setdefault(path, network_of(path))
     if not found:
         raise ValueError("no network given; name run directories, globs, files or URLs")
     return sorted(found.values(), key=_order)
@@ -136,15 +135,9 @@ def parse_seed_ranges(texts: str | Sequence[str]) -> list[range]:
     ordered = sorted(ranges, key=lambda r: r.start)
     for a, b in zip(ordered, ordered[1:]):
         if b.start < a.stop:
-            raise ValueError(f"seed ranges {seed_text(a)} and {seed_text(b)} overlap; the spread over ranges needs "
+            raise ValueError(f"seed ranges {evaluation.seed_ranges_text(a)} and {evaluation.seed_ranges_text(b)} overlap; the spread over ranges needs "
                              "disjoint ones")
     return ranges
-
-
-@functools.lru_cache(maxsize=1024)
-def seed_text(seeds: range) -> str:
-    """'0-49999': how records and tables name a seed range (`evaluation.seed_ranges_text`)."""
-    return evaluation.seed_ranges_text(seeds)
 
 
 def _identity(path: str | None) -> str | None:
@@ -169,7 +162,7 @@ def settings(ref: str | None, detector_source: str | None, sampler: SamplerSetti
 
 def record(network: Network, seeds: range, names: Sequence[str], key: dict, score: evaluation.Score) -> dict:
     """The record of one evaluation (`evaluation.score`) of a network on a seed range with the settings `key`."""
-    return {"network": network.path, "kimg": network.kimg, "sigma_rel": network.sigma_rel, "seeds": seed_text(seeds),
+    return {"network": network.path, "kimg": network.kimg, "sigma_rel": network.sigma_rel, "seeds": evaluation.seed_ranges_text(seeds),
             "metrics": list(names), "settings": key, "results": score.results, "num": score.num,
             "seconds": round(score.seconds, 3), "nfe_per_batch": score.nfe_per_batch,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -202,7 +195,7 @@ class Records:
 
     def find(self, network: Network, seeds: range, key: dict, names: Sequence[str]) -> dict | None:
         """The record of `network` on `seeds` with the settings `key` holding the metrics `names`, or None."""
-        text = seed_text(seeds)
+        text = evaluation.seed_ranges_text(seeds)
         for r in self.records:
             if r["network"] == network.path and r["seeds"] == text and r["settings"] == key and set(names) <= set(r["metrics"]):
                 return r
@@ -296,7 +289,7 @@ def _number(value: float | None) -> str:
 def format_table(metric: str, rows: Sequence[Row], ranges: Sequence[range], top: Best) -> str:
     """The values of `metric` by network and seed range with mean ± std; * marks the best value, ** the best mean."""
     score, higher = metrics.ranking(metric)
-    header = ["network", "kimg", "sigma_rel", *(seed_text(r) + " " for r in ranges), "mean ± std   "]
+    header = ["network", "kimg", "sigma_rel", *(evaluation.seed_ranges_text(r) + " " for r in ranges), "mean ± std   "]
     table = [header]
     for i, (row, label) in enumerate(zip(rows, labels([r.network for r in rows]))):
         values = [_number(v) + ("*" if top.single == (i, j) else " ") for j, v in enumerate(row.values)]
@@ -315,7 +308,7 @@ def best_record(metric: str, rows: Sequence[Row], ranges: Sequence[range], top: 
     """The best value and the best mean of `metric`, for the JSON file."""
     score, higher = metrics.ranking(metric)
     place = lambda n: {"network": n.path, "kimg": n.kimg, "sigma_rel": n.sigma_rel}  # noqa: E731
-    single = None if top.single is None else {**place(rows[top.single[0]].network), "seeds": seed_text(ranges[top.single[1]]),
+    single = None if top.single is None else {**place(rows[top.single[0]].network), "seeds": evaluation.seed_ranges_text(ranges[top.single[1]]),
                                               "value": rows[top.single[0]].values[top.single[1]]}
     mean = None if top.mean is None else {**place(rows[top.mean].network), "mean": rows[top.mean].mean,
                                           "std": rows[top.mean].std, "values": list(rows[top.mean].values)}

@@ -4,8 +4,9 @@ The only home of click besides the top-level scripts (train.py, generate.py, fid
 bench/. Library functions raise ValueError / OSError with actionable text; `user_errors` turns those into
 one-line click errors (set PFGMPP_DEBUG=1 to see the traceback instead), and `exit_on_signals` turns SIGTERM
 and SIGHUP into an exit that runs the writers' clean-up, so an interrupted tool leaves no partial output.
-training/cli/sampler.py holds the sampler's options of generate.py and `fid.py gen`. The console scripts of
-pyproject.toml live beside this module:
+training/cli/options.py makes click options from the tables of `training.options.Option`s (train.py's and the
+sampler's); training/cli/sampler.py holds the sampler's options of generate.py and `fid.py gen`. The console scripts
+of pyproject.toml live beside this module:
 
     pfgmpp-hparams        training/cli/hparams.py         PFGM++ hyper-parameter transfer
     pfgmpp-pfgm-hparams   training/cli/pfgm_hparams.py    PFGM's M, z_max, upper_norm
@@ -23,15 +24,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import click  # this package imports no torch: dataset_tool.py starts fast
-
-# Options whose flag is not --<keyword> (EDM's generate.py names).
-FLAGS = {"num_steps": "--steps", "discretization": "--disc"}
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a keyword: '--steps' for num_steps."""
-    return FLAGS.get(name, f"--{name}")
-
 
 DEBUG_ENV = "PFGMPP_DEBUG"
 

@@ -19,7 +19,7 @@ from torch_utils.precision import set_tf32
 from training import generation
 from training.cli import exit_on_signals, user_errors
 from training.datasets import ImageFolderDataset
-from training.likelihood import ESTIMATORS, check_prior, dataset_bpd
+from training.generation.likelihood import ESTIMATORS, check_prior, dataset_bpd
 from training.pfgmpp import format_D
 from training.samplers.levels import flow_range
 
@@ -47,7 +47,7 @@ def main(network, data, out, num, batch_size, seed, workers, per_image, **option
     with user_errors():
         if out is not None:
             distributed.main_only(lambda: util.check_output(out, "--out", overwrite=True))
-        net = generation.load_network(network, device)
+        net = generation.load_guided(network, device)
         check_prior(net)
         dataset = ImageFolderDataset(data, max_size=num, random_seed=seed, use_labels=bool(getattr(net, "label_dim", 0)))
         generation.check_image_shape(net, dataset.image_shape, data)

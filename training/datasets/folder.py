@@ -19,7 +19,7 @@ def _sort_key(name: str) -> list[str]:
     return name.split("/")  # folder by folder, as sorting paths does
 
 
-def open_images(path: Path, labels_from_folders: bool, *, kind: str) -> Source:
+def open_image_source(path: Path, labels_from_folders: bool, *, kind: str) -> Source:
     """An image folder (recursive; kind "folder") or a ZIP of images ("zip"), labelled by dataset.json or subfolders."""
     if kind == "folder":
         names = list_files(path, follow_links=True)
@@ -100,7 +100,7 @@ FOLDER_KIND = SourceKind(
     "folder",
     "an image folder",
     detect=lambda path: path.is_dir(),
-    open=functools.partial(open_images, kind="folder"),
+    open=functools.partial(open_image_source, kind="folder"),
     labels_from_folders=True,
     container=True,
 )
@@ -108,7 +108,7 @@ ZIP_KIND = SourceKind(
     "zip",
     "a ZIP",
     detect=lambda path: not path.is_dir() and zipfile.is_zipfile(path),
-    open=functools.partial(open_images, kind="zip"),
+    open=functools.partial(open_image_source, kind="zip"),
     labels_from_folders=True,
     container=True,
 )

@@ -17,11 +17,11 @@ from collections.abc import Iterable
 
 from training.metrics import detector, fid, inception_score, kid
 from training.metrics.base import Metric
-from training.metrics.features import FeatureStats, compute_stats, dataset_batches, open_images
+from training.metrics.features import FeatureStats, compute_stats, dataset_batches, image_dataset
 from training.metrics.reference import Reference, check_fits, is_dataset, load_reference, open_reference, save_reference
 
 __all__ = ["METRICS", "FeatureStats", "Metric", "Reference", "check_fits", "compute_stats", "dataset_batches", "detector", "evaluate",
-           "get", "is_dataset", "load_reference", "open_images", "open_reference", "parse", "ranking", "reference_needs",
+           "get", "is_dataset", "load_reference", "image_dataset", "open_reference", "parse", "ranking", "reference_needs",
            "save_reference", "statistics"]
 
 METRICS: dict[str, Metric] = {

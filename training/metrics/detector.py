@@ -18,7 +18,7 @@ metrics/*.py and StyleGAN2-ADA's metrics/metric_utils.py, and the TorchScript co
 How it is loaded here, without running code from the file:
 - A TorchScript archive (zip with TorchScript code) goes to `torch.jit.load`, which compiles only
   TorchScript, never Python.
-- A pickle goes through `training.legacy.SafeUnpickler` with the detector allow-list below: inert
+- A pickle goes through `training.checkpoint.legacy.SafeUnpickler` with the detector allow-list below: inert
   data types, EDM's persistent-class record (its `module_src` is kept as text, never executed), and
   one rebuild call, `torch.jit.load` on in-memory bytes. A plain pickle cannot hold a TorchScript
   module itself (pickling one fails, checked with torch 2.13), so a pickled detector is such a
@@ -42,7 +42,7 @@ import torch
 
 from dnnlib import util
 from torch_utils import distributed
-from training import legacy
+from training.checkpoint import legacy
 
 DEFAULT_URL = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
 TORCHSCRIPT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"

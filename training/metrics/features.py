@@ -107,7 +107,7 @@ def compute_stats(
     return stats.reduce()
 
 
-def open_images(path: str, num: int | None = None, seed: int = 0) -> ImageFolderDataset:
+def image_dataset(path: str, num: int | None = None, seed: int = 0) -> ImageFolderDataset:
     """The images of a folder or ZIP; with `num`, a seeded choice of exactly num of them (EDM's subset)."""
     dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:

@@ -1,9 +1,12 @@
 """Denoiser networks F_theta: DDPM++ / NCSN++ (SongUNet), ADM (DhariwalUNet) and EDM2's magnitude-preserving
-U-Net (EDM2UNet), with EDM's and EDM2's presets.
+U-Net (EDM2UNet), each with its presets.
 
-`NETWORKS` is the allow-list of class names that configurations and checkpoints may name.
-`network_kwargs(arch, ...)` turns train.py's options into a `{"class_name": ..., **kwargs}` dict;
-`build_network(...)` validates a configuration and constructs the module.
+`NETWORKS` is the registry: the allow-list of class names that configurations and checkpoints may name. Each
+class declares its presets (train.py --arch), the recipe they train with, its short name and its own checks
+(training/networks/base.py); `presets()` gathers the presets of all. `network_kwargs(arch, ...)` turns
+train.py's options into a `{"class_name": ..., **kwargs}` dict; `build_network(...)` validates a configuration
+and constructs the module. A new network is one module here plus one line in `NETWORKS`; nothing else in the
+project switches on its name or class.
 """
 
 from __future__ import annotations
@@ -14,34 +17,39 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from training.networks.base import Network, Preset
 from training.networks.dhariwal import DhariwalUNet
 from training.networks.edm2 import EDM2UNet
 from training.networks.songunet import SongUNet
 
-__all__ = ["ARCH_PRESETS", "NETWORKS", "check_network", "DhariwalUNet", "EDM2UNet", "SongUNet", "build_network", "network_kwargs"]
+__all__ = ["NETWORKS", "Network", "Preset", "DhariwalUNet", "EDM2UNet", "SongUNet", "build_network",
+           "check_network", "network_class", "network_kwargs", "preset", "presets"]
 
-NETWORKS: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "EDM2UNet": EDM2UNet}
+NETWORKS: dict[str, type[Network]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "EDM2UNet": EDM2UNet}
 
-# The architectures of EDM's train.py (--arch): DDPM++ and NCSN++ at CIFAR-10 widths (Song et al. 2021,
-# as configured by Karras et al. 2022, Table 7), ADM at its ImageNet-64 widths (Dhariwal & Nichol 2021).
-ARCH_PRESETS: dict[str, dict] = {
-    "ddpmpp": dict(
-        class_name="SongUNet", model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
-        embedding_type="positional", encoder_type="standard", decoder_type="standard",
-        channel_mult_noise=1, resample_filter=[1, 1],
-    ),
-    "ncsnpp": dict(
-        class_name="SongUNet", model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
-        embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-        channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
-    ),
-    "adm": dict(class_name="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
-    # EDM2's sizes XS-XXL (Karras et al. 2024; NVlabs/edm2's presets edm2-img64-*, XXL from edm2-img512-xxl):
-    # width and dropout, the rest EDM2UNet's defaults; used unchanged at 32x32 (training/networks/edm2.py).
-    **{f"edm2-{size}": dict(class_name="EDM2UNet", model_channels=channels, dropout=dropout)
-       for size, channels, dropout in [("xs", 128, 0.0), ("s", 192, 0.0), ("m", 256, 0.1), ("l", 320, 0.1),
-                                       ("xl", 384, 0.1), ("xxl", 448, 0.1)]},
-}  # fmt: skip
+
+def presets() -> dict[str, tuple[type[Network], Preset]]:
+    """Every --arch name of the registered networks, with its class and preset, in registry order."""
+    found = {}
+    for cls in NETWORKS.values():
+        for name, entry in cls.presets.items():
+            if name in found or name in NETWORKS:
+                raise ValueError(f"the preset name {name!r} of {cls.__name__} is taken; give it another")
+            found[name] = (cls, entry)
+    return found
+
+
+def preset(arch: str) -> Preset:
+    """The preset `arch` (an empty one for a class name)."""
+    _resolve_class(arch)  # ValueError for an unknown name
+    entry = presets().get(arch)
+    return entry[1] if entry is not None else Preset({})
+
+
+def network_class(class_name_or_arch: str) -> type[Network]:
+    """The network class of an arch or a class name."""
+    return _resolve_class(class_name_or_arch)[0]
+
 
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 512
 _GIVEN_BY_BUILD = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim")
@@ -61,20 +69,20 @@ def _int_list(value: str | int | Sequence[int], name: str) -> list[int]:
         raise ValueError(f"{name} must be a list of integers, got {value!r}") from None
 
 
-def _resolve_class(name: str) -> tuple[type[nn.Module], dict]:
+def _resolve_class(name: str) -> tuple[type[Network], dict]:
     """The network class and preset keyword arguments for an arch name or a class name."""
-    if name in ARCH_PRESETS:
-        preset = copy.deepcopy(ARCH_PRESETS[name])
-        return NETWORKS[preset.pop("class_name")], preset
+    found = presets().get(name)
+    if found is not None:
+        return found[0], copy.deepcopy(found[1].kwargs)
     if name in NETWORKS:
         return NETWORKS[name], {}
     raise ValueError(
-        f"unknown network {name!r}; choose an arch ({', '.join(ARCH_PRESETS)}) "
+        f"unknown network {name!r}; choose an arch ({', '.join(presets())}) "
         f"or a class name ({', '.join(NETWORKS)})"
     )
 
 
-def _check_keywords(cls: type[nn.Module], kwargs: dict) -> None:
+def _check_keywords(cls: type[Network], kwargs: dict) -> None:
     """Reject keyword arguments the class does not take, listing those it does."""
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(kwargs) - set(accepted))
@@ -112,7 +120,7 @@ def network_kwargs(
     return {"class_name": cls.__name__, **kwargs}
 
 
-def _validate(cls: type[nn.Module], config: dict) -> None:
+def _validate(cls: type[Network], config: dict) -> None:
     """ValueError for a configuration that cannot be built or silently differs from what was asked."""
     res = config["img_resolution"]
     if not isinstance(res, int) or res < MIN_RESOLUTION or res > MAX_RESOLUTION or res & (res - 1):
@@ -146,8 +154,8 @@ def _validate(cls: type[nn.Module], config: dict) -> None:
         raise ValueError(
             f"attn_resolutions {absent} do not occur in this network; its resolutions are {resolutions}"
         )
-    # ADM's heads have 64 channels, EDM2's channels_per_head: a narrower level would silently lose its attention.
-    per_head = config.get("channels_per_head", 64 if cls is DhariwalUNet else None)
+    # Heads sized in channels (ADM's 64, EDM2's channels_per_head): a narrower level would silently lose its attention.
+    per_head = cls.head_channels(config)
     if per_head is not None:
         attn = sorted(config["attn_resolutions"])
         widths = [(r, config["model_channels"] * mult[resolutions.index(r)]) for r in attn]
@@ -162,9 +170,10 @@ def _validate(cls: type[nn.Module], config: dict) -> None:
     if not 0 <= config["dropout"] < 1 or not 0 <= config["label_dropout"] <= 1:
         raise ValueError(f"dropout must be in [0, 1) and label_dropout in [0, 1], got {config['dropout']}, "
                          f"{config['label_dropout']}")  # fmt: skip
+    cls.check(config)
 
 
-def _resolved(class_name_or_arch: str, given: dict, kwargs: dict) -> tuple[type[nn.Module], dict]:
+def _resolved(class_name_or_arch: str, given: dict, kwargs: dict) -> tuple[type[Network], dict]:
     """The class and its keyword arguments for a configuration, validated (ValueError otherwise)."""
     cls, config = _resolve_class(class_name_or_arch)
     class_name = kwargs.pop("class_name", cls.__name__)

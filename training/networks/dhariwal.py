@@ -4,6 +4,8 @@ Constructor keywords, defaults and state_dict keys follow EDM, so its `_init_kwa
 carry over. The ADM block uses adaptive group normalisation (scale and shift from the embedding),
 multi-head attention with 64 channels per head, and zero-initialised output layers of each residual
 branch; class labels are embedded after the timestep MLP (Dhariwal & Nichol 2021, Sec. 3 and App. A).
+
+Preset (train.py --arch): adm at its ImageNet-64 widths.
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnnlib.util import records_init_kwargs
+from training.networks.base import Network, Preset
 from training.networks.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, label_input
 
 
 @records_init_kwargs
-class DhariwalUNet(nn.Module):
+class DhariwalUNet(Network, nn.Module):
     """The ADM U-Net: F_theta(x, noise_labels, class_labels, augment_labels)."""
+
+    presets = {"adm": Preset(dict(model_channels=192, channel_mult=[1, 2, 3, 4]), resolution=64)}
+    short_name = "adm"
+    HEAD_CHANNELS = 64  # ADM's attention heads
+
+    @classmethod
+    def head_channels(cls, config: dict) -> int:
+        """ADM's heads have 64 channels."""
+        return cls.HEAD_CHANNELS
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0, augment_dim: int = 0,
                  model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_emb: int = 4,
@@ -38,7 +50,7 @@ class DhariwalUNet(nn.Module):
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
         block_kwargs = dict(
-            emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero
+            emb_channels=emb_channels, channels_per_head=self.HEAD_CHANNELS, dropout=dropout, init=init, init_zero=init_zero
         )
 
         # Mapping network (registration order as in EDM).

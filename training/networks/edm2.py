@@ -30,7 +30,7 @@ The noise and label embedding stays in float32 (for float32 noise labels); weigh
 then cast; norms accumulate in float32; block outputs are clipped to +-clip_act (256) so that float16 cannot
 overflow. A float64 network computes everything in float64.
 
-Presets (`training.networks.ARCH_PRESETS`, `--arch=edm2-xs` ... `edm2-xxl`): EDM2's sizes, which differ only
+Presets (`EDM2UNet.presets`, `--arch=edm2-xs` ... `edm2-xxl`): EDM2's sizes, which differ only
 in model_channels (128, 192, 256, 320, 384, 448) and dropout (0, 0, 0.1, 0.1, 0.1, 0.1); the rest is this class's
 defaults (channel_mult 1,2,3,4, three blocks per level, attention at 16x16 and 8x8). EDM2's ImageNet 64x64
 pixel presets and its 512x512 latent presets (a 64x64x4 latent) build the same network apart from the channels;
@@ -52,6 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnnlib.util import records_init_kwargs
+from torch_utils import rng
+from training.networks.base import Network, Preset
 from training.networks.layers import label_input, self_attention
 
 RESAMPLE_MODES = ("keep", "up", "down")
@@ -104,8 +106,9 @@ class MPFourier(nn.Module):
     def __init__(self, num_channels: int, bandwidth: float = 1.0):
         super().__init__()
         self.num_channels = int(num_channels)
-        self.register_buffer("freqs", 2 * math.pi * bandwidth * torch.randn(num_channels))
-        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+        generator = rng.network_generator()  # `rng.network_draws`: training's seeded initial weights
+        self.register_buffer("freqs", 2 * math.pi * bandwidth * torch.randn(num_channels, generator=generator))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels, generator=generator))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B] -> [B, num_channels] in x's dtype, evaluated in at least float32."""
@@ -126,7 +129,7 @@ class MPConv(nn.Module):
         super().__init__()
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
-        self.weight = nn.Parameter(torch.randn(self.out_channels, self.in_channels, *kernel))
+        self.weight = nn.Parameter(torch.randn(self.out_channels, self.in_channels, *kernel, generator=rng.network_generator()))
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Apply the layer to x in x's dtype (weights normalised in at least float32)."""
@@ -205,7 +208,7 @@ class MPBlock(nn.Module):
         scale = self.emb_linear(emb, gain=self.emb_gain) + 1  # learned gain, zero at init: scale 1
         y = mp_silu(y * scale[:, :, None, None].to(y.dtype))
         if self.training and self.dropout:
-            y = F.dropout(y, p=self.dropout)
+            y = rng.dropout(y, p=self.dropout)
         y = self.conv_res1(y)
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
@@ -222,8 +225,35 @@ class MPBlock(nn.Module):
 
 
 @records_init_kwargs
-class EDM2UNet(nn.Module):
+class EDM2UNet(Network, nn.Module):
     """EDM2's U-Net: F_theta(x, noise_labels, class_labels, augment_labels=None) (module docstring)."""
+
+    # EDM2's sizes XS-XXL (Karras et al. 2024; NVlabs/edm2's presets edm2-img64-*, XXL from edm2-img512-xxl): width
+    # and dropout, the rest this class's defaults; each trains with EDM2's recipe at EDM2's learning rate for its size.
+    presets = {f"edm2-{size}": Preset(dict(model_channels=channels, dropout=dropout), training=dict(lr=lr), resolution=64)
+               for size, channels, dropout, lr in [("xs", 128, 0.0, 0.0120), ("s", 192, 0.0, 0.0100),
+                                                   ("m", 256, 0.1, 0.0090), ("l", 320, 0.1, 0.0080),
+                                                   ("xl", 384, 0.1, 0.0070), ("xxl", 448, 0.1, 0.0065)]}
+    recipe = "edm2"
+    short_name = "edm2"
+
+    @classmethod
+    def run_name(cls, kwargs: dict) -> str:
+        """The preset of this width (edm2-s, ...), or edm2 for a width of no preset."""
+        width = kwargs.get("model_channels")
+        return next((name for name, preset in cls.presets.items() if preset.kwargs["model_channels"] == width), "edm2")
+
+    @classmethod
+    def head_channels(cls, config: dict) -> int:
+        """`channels_per_head`."""
+        return config["channels_per_head"]
+
+    @classmethod
+    def check(cls, config: dict) -> None:
+        """EDM2 has no augmentation conditioning: augment_dim must be 0."""
+        if config["augment_dim"]:
+            raise ValueError(f"EDM2UNet takes no augmentation labels (augment_dim={config['augment_dim']}); train it "
+                             "with --augment=0")
 
     def __init__(
         self,
@@ -249,9 +279,8 @@ class EDM2UNet(nn.Module):
         clip_act: float | None = 256,
     ):
         super().__init__()
-        if augment_dim:
-            raise ValueError(f"EDM2UNet takes no augmentation labels (augment_dim={augment_dim}); train it with "
-                             f"--augment=0, as EDM2 does")  # fmt: skip
+        if augment_dim:  # built directly; through training.networks the check (`check`) names the flag
+            raise ValueError(f"augment_dim must be 0: EDM2UNet takes no augmentation labels, got {augment_dim}")
         balances = dict(label_balance=label_balance, concat_balance=concat_balance, res_balance=res_balance,
                         attn_balance=attn_balance)  # fmt: skip
         outside = {k: v for k, v in balances.items() if not 0 <= v <= 1}

@@ -8,6 +8,9 @@ One class covers both architectures; the constructor's keyword names and default
 - DDPM++: positional embedding, standard encoder and decoder, box resampling filter [1, 1].
 - NCSN++: random Fourier embedding of twice the width, residual ("input skip") encoder, binomial
   resampling filter [1, 3, 3, 1].
+
+Presets (train.py --arch): ddpmpp and ncsnpp at EDM's CIFAR-10 widths (Song et al. 2021, as configured by
+Karras et al. 2022, Table 7).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnnlib.util import records_init_kwargs
+from training.networks.base import Network, Preset
 from training.networks.layers import (
     Conv2d,
     FourierEmbedding,
@@ -41,8 +45,18 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 @records_init_kwargs
-class SongUNet(nn.Module):
+class SongUNet(Network, nn.Module):
     """The DDPM++ / NCSN++ U-Net: F_theta(x, noise_labels, class_labels, augment_labels)."""
+
+    presets = {
+        "ddpmpp": Preset(dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
+                              embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                              channel_mult_noise=1, resample_filter=[1, 1]), resolution=32),
+        "ncsnpp": Preset(dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
+                              embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                              channel_mult_noise=2, resample_filter=[1, 3, 3, 1]), resolution=32),
+    }  # fmt: skip
+    short_name = "song"
 
     def __init__(
         self,

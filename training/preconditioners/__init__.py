@@ -1,29 +1,30 @@
-"""Preconditioners and their training objectives: one registry, one protocol (`training.preconditioners.base`).
+"""Preconditioners: one registry, one protocol (`training.preconditioners.base`).
 
 `PRECONDITIONERS` maps train.py's --precond names to preconditioner classes; checkpoints name the class
-(`by_class_name`). A new preconditioner is one module here (the class, with its loss and its training
-declarations) plus one line in `PRECONDITIONERS`; nothing else in the project switches on its name.
+(`by_class_name`). A preconditioner holds its coefficients and declares the loss it trains with by default
+(`training.losses`). A new preconditioner is one module here plus one line in `PRECONDITIONERS`; nothing else in
+the project switches on its name.
 
-    edm    EDMPrecond / EDMLoss: EDM and PFGM++ for every D (training/preconditioners/edm.py)
-    edm2   EDM2Precond / EDM2Loss: EDM's preconditioning with EDM2's learned log-variance weighting, every D
-    vp     VPPrecond / VPLoss: Score SDE's VP
-    ve     VEPrecond / VELoss: Score SDE's VE
+    edm    EDMPrecond: EDM's, and PFGM++'s for every D (loss edm)
+    edm2   EDM2Precond: EDM's with EDM2's learned log-variance head, every D (loss edm2)
+    vp     VPPrecond: Score SDE's VP (loss vp)
+    ve     VEPrecond: Score SDE's VE (loss ve)
     iddpm  iDDPMPrecond: improved DDPM, for imported networks (no training objective)
-    pfgm   PFGMPrecond / PFGMLoss: PFGM, D = 1, with its field, perturbation and hyper-parameters
+    pfgm   PFGMPrecond: PFGM, D = 1, a network of the normalised Poisson field (loss pfgm)
 """
 
 from __future__ import annotations
 
 from training.preconditioners.base import Precond
-from training.preconditioners.edm import EDMLoss, EDMPrecond
-from training.preconditioners.edm2 import EDM2Loss, EDM2Precond
+from training.preconditioners.edm import EDMPrecond
+from training.preconditioners.edm2 import EDM2Precond
 from training.preconditioners.iddpm import iDDPMPrecond
-from training.preconditioners.pfgm import PFGMLoss, PFGMPrecond
-from training.preconditioners.ve import VELoss, VEPrecond
-from training.preconditioners.vp import VPLoss, VPPrecond
+from training.preconditioners.pfgm import PFGMPrecond
+from training.preconditioners.ve import VEPrecond
+from training.preconditioners.vp import VPPrecond
 
-__all__ = ["PRECONDITIONERS", "EDM2Loss", "EDM2Precond", "EDMLoss", "EDMPrecond", "PFGMLoss", "PFGMPrecond", "Precond",
-           "VELoss", "VEPrecond", "VPLoss", "VPPrecond", "by_class_name", "get", "iDDPMPrecond", "kind_of", "trainable"]
+__all__ = ["PRECONDITIONERS", "EDM2Precond", "EDMPrecond", "PFGMPrecond", "Precond", "VEPrecond", "VPPrecond",
+           "by_class_name", "get", "iDDPMPrecond", "kind_of", "trainable"]
 
 PRECONDITIONERS: dict[str, type[Precond]] = {
     "edm": EDMPrecond,
@@ -36,8 +37,8 @@ PRECONDITIONERS: dict[str, type[Precond]] = {
 
 
 def trainable() -> list[str]:
-    """The names of the preconditioners that have a training objective (train.py --precond)."""
-    return [kind for kind, cls in PRECONDITIONERS.items() if cls.loss_class is not None]
+    """The names of the preconditioners that train with a loss of their own (train.py --precond)."""
+    return [kind for kind, cls in PRECONDITIONERS.items() if cls.default_loss is not None]
 
 
 def get(kind: str) -> type[Precond]:

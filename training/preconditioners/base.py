@@ -3,17 +3,14 @@
 A preconditioner wraps a network F_theta (`training.networks`), called as
 `model(x, noise_labels, class_labels=None, augment_labels=None)` and stored under the `model.` prefix of the
 state_dict as in EDM, and records D (math.inf for diffusion) so that a sampler draws the matching prior.
-PFGM++ uses the same preconditioning for every D. Besides its coefficients a preconditioner declares what
-training needs from it, so that the training loop and its configuration never ask which one they hold:
+PFGM++ uses the same preconditioning for every D. A preconditioner holds its coefficients, and declares:
 
-- `loss_class`: its training objective (`training.preconditioners.losses.Loss`), or None for preconditioners
-  that run imported networks only (iDDPM);
 - `out_channels(img_channels)`: the channels its network outputs;
-- `training_options`: the objective options of train.py it reads; another objective's option is refused;
-- `training_kwargs(...)`: the constructor arguments of the preconditioner and of its loss for a run;
-- `complete_config(...)`: options derived from the data once it is open (PFGM's M, z_max, upper_norm).
+- `outputs`: what it computes besides the denoised image for a loss to train (EDM2's 'logvar', PFGM's 'field');
+- `default_loss`: the loss it trains with unless train.py's --loss says otherwise (`training.losses`), or None
+  for preconditioners that run imported networks only (iDDPM).
 
-Its loss declares in turn whether it needs a reference batch and what it adds to each tick's statistics.
+How a run's options become its keyword arguments is the loss's to say (`training.losses.base.Loss.configure`).
 """
 
 from __future__ import annotations
@@ -28,12 +25,10 @@ from training.pfgmpp import check_D
 
 
 class Precond(nn.Module):
-    """Common wrapper: argument handling, mixed precision, the skip connection, and the training declarations."""
+    """Common wrapper: argument handling, mixed precision, the skip connection, and the declarations (module docstring)."""
 
-    # What training needs from a preconditioner (module docstring); subclasses override.
-    loss_class: ClassVar[type | None] = None
-    training_options: ClassVar[tuple[str, ...]] = ()
-    loss_options: ClassVar[tuple[str, ...]] = ()  # training options passed to the loss unchanged
+    default_loss: ClassVar[str | None] = None
+    outputs: ClassVar[tuple[str, ...]] = ()
     learned_variance = False  # iDDPM's models also output a variance, which is discarded
     score_sde = "ve"  # the Score SDE a predictor-corrector sampler runs by default (training.samplers.score_sde)
 
@@ -41,24 +36,6 @@ class Precond(nn.Module):
     def out_channels(cls, img_channels: int) -> int:
         """Channels the network F_theta outputs for images of `img_channels` channels."""
         return 2 * img_channels if cls.learned_variance else img_channels
-
-    @classmethod
-    def training_kwargs(cls, *, D: float, cond: bool, pfgmpp_on: bool, options: dict) -> tuple[float, dict, dict]:
-        """(D, preconditioner kwargs, loss kwargs) of a training run; ValueError naming the flag when they conflict.
-
-        D comes from --pfgmpp/--aug_dim, cond from --cond; `options` holds every objective option of train.py (`training.config.OBJECTIVE_OPTIONS`); this default
-        serves the denoising losses of `training.preconditioners.losses.KernelLoss`.
-        """
-        if cls.loss_class is None:
-            raise ValueError(f"{cls.__name__} runs imported networks; it has no training objective")
-        loss_kwargs = dict(D=D, stf=bool(options.get("stf")), **{k: options[k] for k in cls.loss_options})
-        if options.get("fp_reg"):
-            loss_kwargs["fp"] = options["fp_reg"]
-        return D, dict(D=D), loss_kwargs
-
-    @classmethod
-    def complete_config(cls, c: dict, dataset) -> None:
-        """Fill in the options of a configuration `c` that depend on the data, once `dataset` is open."""
 
     def __init__(
         self,

@@ -1,40 +1,19 @@
-"""Score SDE's variance-preserving (VP) preconditioning and loss (Song et al. 2021), as EDM writes them (Table 1)."""
+"""Score SDE's variance-preserving (VP) preconditioning (Song et al. 2021), as EDM writes it (Table 1)."""
 
 from __future__ import annotations
 
 import torch
 
 from dnnlib.util import records_init_kwargs
-from torch_utils import rng
 from training import schedules
 from training.preconditioners.base import Precond
-from training.preconditioners.losses import KernelLoss
-
-
-class VPLoss(KernelLoss):
-    """Score SDE VP loss: t ~ U(epsilon_t, 1), sigma = sigma_vp(t), weight 1 / sigma^2."""
-
-    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5, **kwargs):
-        super().__init__(**kwargs)
-        if not 0 < epsilon_t < 1:
-            raise ValueError(f"epsilon_t must lie in (0, 1), got {epsilon_t}")
-        self.beta_d, self.beta_min, self.epsilon_t = float(beta_d), float(beta_min), float(epsilon_t)
-
-    def sample_sigma(self, batch, device, generator=None):
-        rnd_uniform = rng.rand([batch], generator, device=device, dtype=torch.float32)
-        t = 1 + rnd_uniform * (self.epsilon_t - 1)
-        return schedules.vp_sigma(t, self.beta_d, self.beta_min)
-
-    def weight(self, sigma):
-        return 1 / sigma**2
 
 
 @records_init_kwargs
 class VPPrecond(Precond):
     """Score SDE variance-preserving preconditioning; noise labels are (M - 1) t(sigma)."""
 
-    loss_class = VPLoss
-    training_options = ("fp_reg",)
+    default_loss = "vp"
     score_sde = "vp"
 
     def __init__(self, model, *, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000,

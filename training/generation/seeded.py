@@ -1,4 +1,4 @@
-"""Seeded image generation from a trained network: what generate.py and `fid.py gen` share.
+"""Seeded image generation from a trained network: what generate.py, `fid.py gen` and the metrics share.
 
 Image k with seed s depends on s alone: its prior draw, its class label (when not fixed) and any
 sampler noise come from a generator seeded with s on the sampling device, so the images are the
@@ -19,12 +19,13 @@ import tqdm
 from dnnlib import util
 from torch_utils import distributed, rng
 from torch_utils.precision import configure as configure_precision
-from training import checkpoint, images, samplers
+from training import checkpoint, samplers
+from training.generation import images
 from training.pfgmpp import format_D
 from training.samplers import SamplerSettings
 from training.samplers.guidance import guided
 
-PRECISIONS = ("fp32", "tf32", "bf16")  # of the network during sampling (fp16 is a training mode)
+SAMPLING_PRECISIONS = ("fp32", "tf32", "bf16")  # of the network during sampling (fp16 is a training mode)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Batch:
     nfe: int = 0
 
 
-def check_network(net, aug_dim: float | None = None, pfgmpp: bool | None = None, class_idx: int | None = None) -> None:
+def check_network_options(net, aug_dim: float | None = None, pfgmpp: bool | None = None, class_idx: int | None = None) -> None:
     """Reject options that contradict the network: a different D, --pfgmpp=0 on a PFGM++ net, a bad class."""
     D = float(net.D)
     if aug_dim is not None and float(aug_dim) != D:
@@ -67,15 +68,16 @@ def check_image_shape(net, image_shape, where: str) -> None:
                          f"holds {w}x{h} with {c}; use data of the network's shape (dataset_tool.py --resolution, --channels)")
 
 
-def load_network(network: str, device, aug_dim: float | None = None, pfgmpp: bool | None = None,
-                 class_idx: int | None = None, gnet: str | None = None, guidance: float = 1.0):
-    """A network from any supported file or URL, checked against the options that must agree with it, and
-    guided by `gnet` (or by itself, without labels) with weight `guidance` (`training.samplers.guidance`).
+def load_guided(network: str, device, aug_dim: float | None = None, pfgmpp: bool | None = None,
+                class_idx: int | None = None, gnet: str | None = None, guidance: float = 1.0):
+    """The network sampling uses: read from any supported file or URL (`checkpoint.load_network`), checked against
+    the options that must agree with it, and guided by `gnet` (or by itself, without labels) with weight `guidance`
+    (`training.samplers.guidance`).
 
     Rank 0 reads (and for a URL downloads) it first; the other ranks then read the cached file.
     """
     net = distributed.main_first(lambda: checkpoint.load_network(network, device=device))
-    check_network(net, aug_dim, pfgmpp, class_idx)
+    check_network_options(net, aug_dim, pfgmpp, class_idx)
     if float(guidance) == 1.0:
         return net  # D itself: the guide would cost an evaluation per call and change nothing
     guide = None if gnet is None else distributed.main_first(lambda: checkpoint.load_network(gnet, device=device))
@@ -138,7 +140,7 @@ def generate(
     seeds = [int(s) for s in seeds]
     device = torch.device(device)
     batches = distributed.rank_batches(len(seeds), batch_size)
-    context = configure_precision(precision, device, PRECISIONS)
+    context = configure_precision(precision, device, SAMPLING_PRECISIONS)
     bar = _progress(len(batches), progress and distributed.is_main())
     for positions in batches:
         batch_seeds = [seeds[i] for i in positions]

@@ -1,4 +1,4 @@
-"""FP-Diffusion's score Fokker-Planck regulariser (Lai et al., ICML 2023) for the EDM / VP / VE losses.
+"""FP-Diffusion's score Fokker-Planck regulariser (Lai et al., ICML 2023), an option of the denoising losses (EDM, EDM2, VP, VE).
 
 Every loss of this project trains a denoiser D(x, sigma) in the unscaled variable, whose score is
 s = (D - x) / sigma^2. At D = inf the perturbed densities p_sigma = p_data * N(0, sigma^2 I) obey the heat
@@ -20,7 +20,7 @@ Penalty per sample: alpha * w(sigma) (|eps|^2 / N)^(m/2) + beta * |mean_batch rh
 element of the per-element DSM loss, w = g^2 = 2 sigma^2 (ll), g = sqrt(2) sigma (convention) or 1 (constant).
 d D / d sigma is a central finite difference in ln sigma; div D is Hutchinson's estimate v^T J v (one
 vector-Jacobian product with create_graph=True per probe), grad of it by double backward, all batched.
-Dropout draws the same mask in every network call of the regulariser (the global RNG is replayed).
+Dropout draws the same mask in every network call of the regulariser (its generator is replayed).
 
 Finite D: PFGM++ marginals obey Laplace's equation in N + D dimensions (second order in r), not a heat
 equation, and the network's (D - x) / sigma^2 is the score only as D -> inf. The exact denoiser's
@@ -44,6 +44,23 @@ from training.preconditioners.base import Precond
 
 WEIGHTINGS = ("ll", "convention", "constant")
 FINITE_D_RATIO = 1000.0  # finite D must be at least this many times N
+# train.py's options of the regulariser (training/train/options.py), read by every loss that offers it.
+OPTIONS = ("fp_reg", "fp_alpha", "fp_beta", "fp_order", "fp_weighting", "fp_probe", "fp_probes", "fp_step")
+
+
+def from_options(options: dict) -> dict:
+    """`FPRegularizer`'s keyword arguments from train.py's --fp_* options, checked; ValueError naming the flag."""
+    alpha, beta, order, step, probes = (options[k] for k in ("fp_alpha", "fp_beta", "fp_order", "fp_step", "fp_probes"))
+    weighting, probe = options["fp_weighting"], options["fp_probe"]
+    if not (alpha >= 0 and beta >= 0 and alpha + beta > 0):
+        raise ValueError(f"--fp_alpha and --fp_beta must be >= 0 and not both 0 (or use --fp_reg=0), got {alpha}, {beta}")
+    if not (order > 0 and step > 0 and probes >= 1):
+        raise ValueError(f"--fp_order and --fp_step must be > 0 and --fp_probes >= 1, got {order}, {step}, {probes}")
+    if weighting not in WEIGHTINGS or probe not in divergence.PROBE_KINDS:
+        raise ValueError(f"--fp_weighting must be one of {', '.join(WEIGHTINGS)} and --fp_probe one of "
+                         f"{', '.join(divergence.PROBE_KINDS)}, got {weighting!r}, {probe!r}")
+    return dict(alpha=float(alpha), beta=float(beta), m=float(order), weighting=weighting, probe=probe,
+                num_probes=int(probes), fd_step=float(step))
 
 
 def check_D(D: float, N: int) -> None:
@@ -58,7 +75,12 @@ def check_D(D: float, N: int) -> None:
 
 
 def replay_randomness(device: torch.device) -> Callable[[], None]:
-    """A function that resets the global RNG (CPU, and CUDA for a CUDA device) to its state now."""
+    """A function that resets what network code draws from (dropout) to its state now: the generator of
+    `rng.network_draws` (training's), else torch's global one (CPU, and CUDA for a CUDA device)."""
+    generator = rng.network_generator()
+    if generator is not None:
+        state = generator.get_state()
+        return lambda: generator.set_state(state)
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 

@@ -22,7 +22,8 @@ import torch
 import tqdm
 
 from torch_utils import distributed, rng
-from training import generation, images, ode
+from training import ode
+from training.generation import images, seeded
 from training.samplers import SamplerSettings, rk45
 from training.samplers.base import log_sigma_drift
 from training.samplers.levels import flow_range
@@ -118,7 +119,7 @@ def load_latent(path: str | os.PathLike, shape: Sequence[int]) -> torch.Tensor:
 def _seed_latents(net, seeds: Sequence[int], device, settings: SamplerSettings, class_idx):
     generators = rng.seeded_generators(seeds, device)
     latents = settings.prior_latents(net, generators, device=device)
-    return latents, generation.class_labels(net, generators, class_idx, device)
+    return latents, seeded.class_labels(net, generators, class_idx, device)
 
 
 def _render(net, latents, labels, settings: SamplerSettings) -> torch.Tensor:

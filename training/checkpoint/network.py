@@ -10,7 +10,7 @@ preconditioner and the network inside it) and repeats D, sigma_data, the precond
 resolution, channels, label_dim and the provenance for readers. `load_network` also reads EDM's
 `network-snapshot-*.pkl` and `training-state-*.pt`, the PFGM++ reference's files and EDM2's network pickles
 (`EDM2Precond`; its float16 weights are loaded into float32) through the allow-listed unpickler of
-`training.legacy`.
+`training.checkpoint.legacy`, and the network of a training state of this program (training/checkpoint/state.py).
 
     pfgmpp-convert SRC DEST     # convert any supported file to a snapshot (training/cli/convert.py)
 """
@@ -27,10 +27,9 @@ from typing import Any
 import torch
 
 from dnnlib import util
-from training import legacy, networks, preconditioners
-
-FORMAT, VERSION = "pfgmpp-network", 1
-STATE_FORMAT, STATE_VERSION = "pfgmpp-training-state", 1  # written by training/training_loop.py
+from training import networks, preconditioners
+from training.checkpoint import legacy
+from training.checkpoint.formats import FORMAT, STATE_FORMAT, VERSION
 
 
 def _to_json(value: Any) -> Any:
@@ -83,7 +82,7 @@ def network_config(net: torch.nn.Module, provenance: dict | None = None) -> dict
     })
 
 
-def build_network(config: dict) -> torch.nn.Module:
+def network_from_config(config: dict) -> torch.nn.Module:
     """Construct the (untrained) network a config describes; only allow-listed classes."""
     config = _from_json(config)
     try:
@@ -244,7 +243,7 @@ def _to_json_lenient(value: dict) -> dict:
 def load_network(path_or_url, device="cpu", entry: str | None = None) -> torch.nn.Module:
     """Rebuild and load a network from any supported file or URL (eval mode, no gradients)."""
     config, state_dict = read_checkpoint(path_or_url, entry)
-    net = build_network(config)
+    net = network_from_config(config)
     load_weights(net, state_dict, str(path_or_url))
     net.provenance = config.get("provenance", {})
     return net.eval().requires_grad_(False).to(device)

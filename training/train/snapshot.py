@@ -1,0 +1,73 @@
+"""What a training run writes at a snapshot: every tracked average as a network snapshot, a grid of samples, and
+with --metrics each average's scores (the code of `fid.py gen`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from torch_utils import distributed
+from training import checkpoint, evaluation, samplers
+from training.generation import images
+from training.generation import SAMPLING_PRECISIONS
+from training.train.ema import Averages
+
+GRID_STEPS = 18  # Heun steps of the sample grids (EDM's default)
+METRICS_BATCH = 64  # images per rank and batch of --metrics: fid.py gen's default
+
+
+def provenance(c: dict, run_dir: Path, step: int, nimg: int) -> dict:
+    """Where a snapshot comes from, for its readers (reconstruct_phema.py, fid.py sweep)."""
+    return {"run_dir": str(run_dir), "kimg": nimg / 1000, "step": step, "dataset": c["data"],
+            "training_options": "training_options.json"}
+
+
+def save_snapshots(c: dict, run_dir: Path, averages: Averages, dataset, step: int, nimg: int, device) -> None:
+    """Rank 0: every tracked average in the safe format, and a grid of --grid samples from `averages.reader`."""
+    kimg = nimg // 1000
+    origin = provenance(c, run_dir, step, nimg)
+    for name, sigma_rel, module in averages.snapshots(kimg):
+        checkpoint.save_network(run_dir / name, module, {**origin, "ema": averages.provenance(sigma_rel)})
+    if c["grid"] > 0:
+        images.save_png(run_dir / f"samples-{kimg:06d}.png", sample_grid(averages.reader, c["grid"], dataset.label_dim, device))
+
+
+def sample_grid(net, count: int, label_dim: int, device):
+    """A grid of `count` samples of seeds 0..count-1 (Heun, GRID_STEPS steps), classes in turn when conditional."""
+    generators = [torch.Generator(device).manual_seed(s) for s in range(count)]
+    labels = None
+    if label_dim:
+        labels = torch.eye(label_dim, device=device)[torch.arange(count) % label_dim]
+    settings = samplers.SamplerSettings("heun", dict(num_steps=GRID_STEPS))
+    x = settings.sample(net, settings.prior_latents(net, generators), labels)
+    return images.grid(images.to_uint8(x).cpu().numpy())
+
+
+def open_metrics(c: dict, device):
+    """Every rank, before training: (detector, reference statistics) of --metrics (`evaluation.open_setup`)."""
+    return evaluation.open_setup(c["metrics"], c["metrics_ref"], c.get("detector"), device, METRICS_BATCH,
+                                 min(c["workers"], distributed.default_workers(3)), progress=distributed.is_main())
+
+
+def evaluate_metrics(c: dict, run_dir: Path, averages: Averages, setup, step: int, nimg: int, device,
+                     log: logging.Logger) -> None:
+    """Every rank, while training waits: --metrics of each tracked average, exactly as `fid.py gen` with its defaults
+    scores the snapshot (seeds 0..metrics_num-1); rank 0 appends a line per network and metric to metric-<name>.jsonl."""
+    detector, reference = setup
+    precision = c["precision"] if c["precision"] in SAMPLING_PRECISIONS else "tf32"
+    for name, sigma_rel, module in averages.snapshots(nimg // 1000):
+        score = evaluation.score(module, range(c["metrics_num"]), c["metrics"], reference, detector, device,
+                                 samplers.SamplerSettings(), METRICS_BATCH, precision=precision)
+        if not distributed.is_main():
+            continue
+        for metric, results in score.by_metric.items():
+            record = dict(kimg=nimg / 1000, step=step, snapshot=name, sigma_rel=sigma_rel,
+                          ema_halflife_kimg=c["ema"] * 1000 if sigma_rel is None else None,
+                          value=next(iter(results.values())), results=results, images=score.num,
+                          seconds=score.seconds, nfe_per_batch=score.nfe_per_batch)
+            with open(run_dir / f"metric-{metric}.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info(f"{name}: {metric} {record['value']:.4g} ({score.num} images, {score.seconds:.0f} s)")
