@@ -69,15 +69,16 @@ def time_step(net, loss_fn, images, device, repeats: int) -> float:
 def main(device, resolution, cbase, batch, repeats):
     """Print the regulariser's and the likelihood's costs."""
     device = resolve_device(device)
-    torch.manual_seed(0)
-    net = network(resolution, cbase, device).train()
-    images = torch.rand([batch, 3, resolution, resolution], device=device) * 2 - 1
+    with rng.network_draws(torch.Generator().manual_seed(0)):  # seeded weights, without reseeding torch
+        net = network(resolution, cbase, device).train()
+    g = torch.Generator(device).manual_seed(1)
+    images = torch.rand([batch, 3, resolution, resolution], device=device, generator=g) * 2 - 1
     plain = time_step(net, losses.EDMLoss(), images, device, repeats)
     regularised = time_step(net, losses.EDMLoss(fp=dict(alpha=0.15, beta=0.01)), images, device, repeats)
     print(f"{device_name(device)}: DDPM++ {resolution}x{resolution}, batch {batch}")
     print(f"  training step: {plain:.3f} s plain, {regularised:.3f} s with the FP regulariser ({regularised / plain:.1f}x)")
     net.eval().requires_grad_(False)
-    pixels = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
+    pixels = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device, generator=g)
     generators = rng.seeded_generators(range(batch), device)
     _sync(device)
     start = time.perf_counter()

@@ -34,6 +34,7 @@ from torch.utils import flop_counter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.bench_perturbation import resolve_device, device_name, time_cases  # noqa: E402
+from torch_utils import rng  # noqa: E402
 from training.networks import build_network  # noqa: E402
 
 # name: (arch, build keyword arguments, forward GFLOP per image from REFERENCE_FACTS.md, None where it has none)
@@ -130,8 +131,8 @@ def measure_preset(name: str, device: torch.device, batch: int, variants: list[s
     variant: {"resolution", "params", "gflop_forward", "gflop_step", "reference", "variants": {variant: figures}}."""
     arch, kwargs, reference = PRESETS[name]
     kwargs = {**kwargs, **overrides}
-    torch.manual_seed(0)
-    net = build_network(arch, **kwargs).to(device)
+    with rng.network_draws(torch.Generator().manual_seed(0)):  # seeded weights, without reseeding torch
+        net = build_network(arch, **kwargs).to(device)
     fwd_flops, step_flops = count_flops(net, make_inputs(net, batch, device, False, False))
     found = dict(resolution=kwargs["img_resolution"], params=sum(p.numel() for p in net.parameters()),
                  gflop_forward=fwd_flops / batch / 1e9, gflop_step=step_flops / batch / 1e9, reference=reference, variants={})

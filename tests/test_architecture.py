@@ -4,8 +4,11 @@
   and `a.b` first, unless the importer already lives inside them);
 - no module imports a private name (`_x`) of another module, or reads one through a module alias;
 - click only in the command-line tools: the top-level scripts, `bench/` and `training/cli/`;
-- no comparison with a preconditioner's class name (`... == "PFGMPrecond"`): what the loop needs, a
-  preconditioner declares.
+- nothing outside a registry's own package compares anything with a name it registers (`arch == "adm"`,
+  `kind in ("pfgm", "vp")`) or tests an object against a class it registers (`cls is DhariwalUNet`,
+  `isinstance(net, EDM2UNet)`): what the rest of the code needs, the registered thing declares;
+- no library code reseeds a global random generator (`torch.manual_seed`, `np.random.seed`, ...): library
+  functions take a generator.
 """
 
 from __future__ import annotations
@@ -152,29 +155,119 @@ def test_click_only_in_command_line_tools():
     assert not offenders, f"click imported by library modules: {offenders}"
 
 
-def precond_name_tests(path: Path) -> list[str]:
-    """Comparisons of anything with a string naming a preconditioner class ('...Precond')."""
-    tree = ast.parse(path.read_text())
+# Each registry, by the package that is its home, with every name it registers (keys and class names).
+def registries() -> dict[str, set[str]]:
+    from training import datasets, losses, metrics, networks, preconditioners, samplers
+
+    def named(registry: dict) -> set[str]:
+        return set(registry) | {getattr(v, "__name__", None) for v in registry.values()} - {None}
+
+    return {
+        "training/networks/": named(networks.NETWORKS) | set(networks.presets()),
+        "training/preconditioners/": named(preconditioners.PRECONDITIONERS),
+        "training/losses/": named(losses.LOSSES),
+        "training/samplers/": set(samplers.SOLVERS),
+        "training/metrics/": set(metrics.METRICS),
+        "training/datasets/": set(datasets.SOURCES),
+    }
+
+
+# Variables of other vocabularies whose values coincide with registered names: EDM's sampler ablations name their
+# discretisations, schedules and scalings after VP / VE, Score SDE's SDEs are 'vp' and 've', and an ODE method is
+# 'euler'. Comparing them is not switching on a preconditioner, loss or solver.
+OTHER_VOCABULARIES = {"discretization", "schedule", "scaling", "sde", "method"}
+
+
+def _strings(node: ast.AST):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        yield node.value
+    elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        for element in node.elts:
+            yield from _strings(element)
+
+
+def _identifier(node: ast.AST) -> str | None:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+
+def registered_name_tests(path: Path, registered: dict[str, set[str]], rel: str) -> list[str]:
+    """Comparisons with a name of a registry, and class tests against a registered class, outside its home."""
+    foreign = set().union(*(names for home, names in registered.items() if not rel.startswith(home)))
     found = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Compare):
-            for operand in [node.left, *node.comparators]:
-                if isinstance(operand, ast.Constant) and isinstance(operand.value, str) and operand.value.endswith("Precond"):
-                    found.append(f"{path}:{node.lineno}")
+            operands = [node.left, *node.comparators]
+            if any(_identifier(o) in OTHER_VOCABULARIES for o in operands):
+                continue
+            hits = {s for o in operands for s in _strings(o)} | {_identifier(o) for o in operands if isinstance(
+                next(iter(node.ops)), (ast.Is, ast.IsNot))}
+            hits &= foreign
+        elif isinstance(node, ast.Call) and _identifier(node.func) in ("isinstance", "issubclass") and len(node.args) == 2:
+            classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            hits = {_identifier(c) for c in classes} & foreign
+        else:
+            continue
+        found += [f"{rel}:{node.lineno}: {name}" for name in sorted(hits)]
     return found
 
 
-def test_no_code_switches_on_a_preconditioner_class_name():
-    registry = ROOT / "training" / "preconditioners" / "__init__.py"
-    found = [hit for path in MODULES.values() if path != registry for hit in precond_name_tests(path)]
+def test_no_code_switches_on_a_registered_name():
+    registered = registries()
+    found = []
+    for path in MODULES.values():
+        rel = path.relative_to(ROOT).as_posix()
+        found += registered_name_tests(path, registered, rel)
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("x = 1 if kind == 'PFGMPrecond' else 2\n", ["PFGMPrecond"]),
+    ("x = arch in ('ddpmpp', 'other')\n", ["ddpmpp"]),
+    ("x = cls is DhariwalUNet\n", ["DhariwalUNet"]),
+    ("x = isinstance(net, (int, networks.EDM2UNet))\n", ["EDM2UNet"]),
+    ("x = name != 'pfgm_rk45'\n", ["pfgm_rk45"]),
+    ("x = loss == 'edm2'\n", ["edm2"]),
+    ("x = kind in ('a', 'b')\n", []),
+    ("x = discretization == 'vp'\n", []),
+])
+def test_the_registered_name_check_sees_comparisons(tmp_path, source, expected):
+    path = tmp_path / "probe.py"
+    path.write_text(source)
+    assert [hit.rsplit(": ", 1)[1] for hit in registered_name_tests(path, registries(), "elsewhere/probe.py")] == expected
+    # Inside the registry's own package the same code is allowed.
+    assert not registered_name_tests(path, {home: set() for home in registries()} | {"training/": set().union(
+        *registries().values())}, "training/probe.py")
+
+
+RESEEDING = {("torch", "manual_seed"), ("cuda", "manual_seed"), ("cuda", "manual_seed_all"), ("random", "manual_seed"),
+             ("random", "seed"), ("np", "seed"), ("numpy", "seed")}
+
+
+def global_reseeding(path: Path) -> list[str]:
+    """Calls such as torch.manual_seed(...), torch.cuda.manual_seed_all(...), np.random.seed(...), random.seed(...)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            owner_name = _identifier(owner)
+            if owner_name == "random" and isinstance(owner, ast.Attribute):  # np.random.seed, torch.random.manual_seed
+                owner_name = _identifier(owner.value) if node.func.attr == "seed" else "random"
+            if (owner_name, node.func.attr) in RESEEDING:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node.func)}")
+    return found
+
+
+def test_no_library_code_reseeds_a_global_generator():
+    found = [hit for path in MODULES.values() for hit in global_reseeding(path)]
     assert not found, found
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("x = 1 if kind == 'PFGMPrecond' else 2\n", 1),
-    ("x = kind in ('a', 'b')\n", 0),
+    ("torch.manual_seed(0)\n", 1), ("torch.cuda.manual_seed_all(0)\n", 1), ("np.random.seed(0)\n", 1),
+    ("random.seed(0)\n", 1), ("torch.random.manual_seed(0)\n", 1),
+    ("torch.Generator().manual_seed(0)\n", 0), ("g.manual_seed(0)\n", 0),
 ])
-def test_the_class_name_check_sees_comparisons(tmp_path, source, expected):
+def test_the_reseeding_check_sees_global_seeding(tmp_path, source, expected):
     path = tmp_path / "probe.py"
     path.write_text(source)
-    assert len(precond_name_tests(path)) == expected
+    assert len(global_reseeding(path)) == expected

@@ -12,7 +12,7 @@ import click
 
 from training.cli import user_errors
 from training.datasets import ImageFolderDataset
-from training.preconditioners.pfgm import average_norm, derive_hparams
+from training.losses.pfgm import average_norm, derive_hparams
 
 
 @click.command()

@@ -138,6 +138,18 @@ def _validate(cls: type[Network], config: dict) -> None:
     for name in ("label_dim", "augment_dim"):
         if not (isinstance(config[name], int) and config[name] >= 0):
             raise ValueError(f"{name} must be an integer >= 0, got {config[name]!r}")
+    if "channel_mult" in config:
+        _check_levels(cls, config)
+    dropout, label_dropout = config.get("dropout", 0.0), config.get("label_dropout", 0.0)
+    if not 0 <= dropout < 1 or not 0 <= label_dropout <= 1:
+        raise ValueError(f"dropout must be in [0, 1) and label_dropout in [0, 1], got {dropout}, {label_dropout}")
+    cls.check(config)
+
+
+def _check_levels(cls: type[Network], config: dict) -> None:
+    """A U-Net's levels (`channel_mult`): the resolution halves at each, and attention sits at levels that exist and
+    are wide enough for its heads."""
+    res = config["img_resolution"]
     mult = config["channel_mult"]
     if not mult or any(m < 1 for m in mult):
         raise ValueError(f"channel_mult must be a non-empty list of integers >= 1, got {mult!r}")
@@ -149,7 +161,8 @@ def _validate(cls: type[Network], config: dict) -> None:
             f"{res.bit_length()} levels at {res}x{res}"
         )
     resolutions = [res >> level for level in range(levels)]
-    absent = sorted(set(config["attn_resolutions"]) - set(resolutions))
+    attn_resolutions = config.get("attn_resolutions", [])
+    absent = sorted(set(attn_resolutions) - set(resolutions))
     if absent:
         raise ValueError(
             f"attn_resolutions {absent} do not occur in this network; its resolutions are {resolutions}"
@@ -157,7 +170,7 @@ def _validate(cls: type[Network], config: dict) -> None:
     # Heads sized in channels (ADM's 64, EDM2's channels_per_head): a narrower level would silently lose its attention.
     per_head = cls.head_channels(config)
     if per_head is not None:
-        attn = sorted(config["attn_resolutions"])
+        attn = sorted(attn_resolutions)
         widths = [(r, config["model_channels"] * mult[resolutions.index(r)]) for r in attn]
         narrow = [(r, width) for r, width in widths if width < per_head]
         if narrow:
@@ -167,10 +180,6 @@ def _validate(cls: type[Network], config: dict) -> None:
                 f"{cls.__name__} attends with {per_head} channels per head, so attention needs >= {per_head} "
                 f"channels ({where}); raise model_channels{lower} or leave these resolutions out of attn_resolutions"
             )
-    if not 0 <= config["dropout"] < 1 or not 0 <= config["label_dropout"] <= 1:
-        raise ValueError(f"dropout must be in [0, 1) and label_dropout in [0, 1], got {config['dropout']}, "
-                         f"{config['label_dropout']}")  # fmt: skip
-    cls.check(config)
 
 
 def _resolved(class_name_or_arch: str, given: dict, kwargs: dict) -> tuple[type[Network], dict]:

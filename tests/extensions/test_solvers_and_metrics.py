@@ -1,5 +1,6 @@
 """The extension points work as docs/architecture.md says: a new solver and a new metric are each one file
-(tests/extensions/) plus one registry line, and the command-line tools use them without another change."""
+(tests/extensions/) plus one registry line, and the command-line tools use them without another change; every
+registered solver, loss and preconditioner declares what the rest of the code reads of it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from tests.detector_fixtures import write_detector
 from tests.extensions import toy_metric, toy_solver
 from tests.helpers import make_dataset, tiny_network
 from torch_utils import rng
-from training import checkpoint, images, metrics, samplers
+from training import checkpoint, metrics, samplers
+from training.generation import images
 from training.metrics import detector
 
 
@@ -103,14 +105,25 @@ def test_each_solver_declares_options_its_functions_take(name):
     assert set(entry.prior_options) <= set(entry.options)
 
 
-def test_each_preconditioner_declares_what_training_needs():
-    """Objective options are the ones train.py has; output channels follow the preconditioner's own rule."""
-    from training import config, preconditioners
+def test_each_preconditioner_and_loss_declares_what_training_needs():
+    """A loss reads objective options train.py has; each trainable preconditioner's default loss is registered and
+    trains what it computes; output channels follow the preconditioner's own rule."""
+    from training import losses, preconditioners
+    from training.train import options
 
-    for kind, cls in preconditioners.PRECONDITIONERS.items():
-        assert set(cls.training_options) <= set(config.OBJECTIVE_OPTIONS), kind
-        assert set(cls.loss_options) <= set(cls.training_options), kind
+    for name, cls in losses.LOSSES.items():
+        assert set(cls.options) <= set(options.objective()), name
+        assert cls.needs is None or any(cls.needs in p.outputs for p in preconditioners.PRECONDITIONERS.values()), name
+    for kind in preconditioners.trainable():
+        precond = preconditioners.get(kind)
+        assert losses.get(precond.default_loss).compatible(precond), kind
+    assert [kind for kind, p in preconditioners.PRECONDITIONERS.items() if p.default_loss is None] == ["iddpm"]
     assert preconditioners.EDMPrecond.out_channels(3) == 3
     assert preconditioners.iDDPMPrecond.out_channels(3) == 6  # a mean and a variance per channel
     assert preconditioners.PFGMPrecond.out_channels(3) == 4  # v_x and the channel whose mean is v_z
     assert preconditioners.trainable() == ["edm", "edm2", "vp", "ve", "pfgm"]  # iDDPM: imported networks only
+    # The losses' compatibility: an extra output of the preconditioner must be trained, and only by a loss that needs it.
+    assert losses.EDMLoss.compatible(preconditioners.VPPrecond) and losses.VPLoss.compatible(preconditioners.EDMPrecond)
+    assert not losses.EDMLoss.compatible(preconditioners.EDM2Precond)
+    assert not losses.EDM2Loss.compatible(preconditioners.EDMPrecond)
+    assert not losses.PFGMLoss.compatible(preconditioners.EDMPrecond)
