@@ -208,7 +208,7 @@ def _seed_list(seeds: list[int] | None, num: int | None) -> list[int]:
     return seeds
 
 
-def network_list(ctx, param, value: tuple[str, ...]) -> list[sweep.Network]:
+def network_list(ctx, param, value: tuple[str, ...]) -> list[sweep.Snapshot]:
     """--networks (repeatable, comma-separated): run directories, globs, files, URLs -> the networks, by kimg and sigma_rel."""
     try:
         return sweep.find_networks(value)
@@ -290,7 +290,7 @@ def _keep(records, record: dict) -> None:
     """Rank 0: write an evaluation's record at once and say it."""
     records.add(record)
     values = ", ".join(f"{k} {v:g}" for k, v in record["results"].items())
-    click.echo(f"{sweep.network_of(record['network']).name} seeds {record['seeds']}: {values} ({record['seconds']:.1f} s)")
+    click.echo(f"{sweep.snapshot_of(record['network']).name} seeds {record['seeds']}: {values} ({record['seconds']:.1f} s)")
 
 
 def _report(records, networks, ranges, key, wanted, plot) -> None:

@@ -31,7 +31,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from training import training_loop  # noqa: E402
+from training import checkpoint  # noqa: E402
+from training.train.step import TrainStep  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -51,10 +52,10 @@ def _signal_job(signum: int) -> None:
 
 
 def _at_step(kind: str, n: int) -> None:
-    original = training_loop.Trainer.train_step
+    original = TrainStep.__call__
 
-    def train_step(self, *args, **kwargs):
-        if self.step == n:
+    def train_step(self, step, *args, **kwargs):
+        if step == n:
             _say(f"{kind} at step {n}")
             if kind == "die-at-step":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -64,13 +65,13 @@ def _at_step(kind: str, n: int) -> None:
                     time.sleep(1)
             else:
                 _signal_job(signal.SIGTERM)
-        return original(self, *args, **kwargs)
+        return original(self, step, *args, **kwargs)
 
-    training_loop.Trainer.train_step = train_step
+    TrainStep.__call__ = train_step
 
 
 def _in_state_write(kind: str, n: int) -> None:
-    original, count = training_loop.write_state, [0]
+    original, count = checkpoint.write_state, [0]
     real_save = torch.save
 
     def half_then_die(obj, f, *args, **kwargs):
@@ -98,7 +99,7 @@ def _in_state_write(kind: str, n: int) -> None:
         finally:
             torch.save = real_save
 
-    training_loop.write_state = write_state
+    checkpoint.write_state = write_state  # the loop calls checkpoint.write_state
 
 
 def install(spec: str) -> None:

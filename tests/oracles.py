@@ -63,7 +63,7 @@ class PoissonFieldModel(nn.Module):
         self.calls = 0
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        from training.preconditioners import pfgm
+        from training.losses import pfgm
 
         self.calls += 1
         z = noise_labels.to(torch.float64).exp()

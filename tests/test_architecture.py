@@ -8,7 +8,8 @@
   `kind in ("pfgm", "vp")`) or tests an object against a class it registers (`cls is DhariwalUNet`,
   `isinstance(net, EDM2UNet)`): what the rest of the code needs, the registered thing declares;
 - no library code reseeds a global random generator (`torch.manual_seed`, `np.random.seed`, ...): library
-  functions take a generator.
+  functions take a generator; only torch_utils/rng.py touches the state of torch's generators (to hand network
+  code an explicit one for a block, `rng.network_draws`, and to replay draws).
 """
 
 from __future__ import annotations
@@ -271,3 +272,22 @@ def test_the_reseeding_check_sees_global_seeding(tmp_path, source, expected):
     path = tmp_path / "probe.py"
     path.write_text(source)
     assert len(global_reseeding(path)) == expected
+
+
+STATE_CALLS = {"get_rng_state", "set_rng_state", "fork_rng", "default_generator", "default_generators"}
+
+
+def generator_state_uses(path: Path) -> list[str]:
+    """Reads or writes of the state of torch's global generators (`torch.set_rng_state`, `fork_rng`, ...)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in STATE_CALLS:
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_only_the_rng_module_touches_the_global_generators():
+    rng_module = ROOT / "torch_utils" / "rng.py"
+    found = [hit for path in MODULES.values() if path != rng_module for hit in generator_state_uses(path)]
+    assert not found, found
+    assert generator_state_uses(rng_module)  # the check sees the uses where they are

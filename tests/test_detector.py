@@ -24,7 +24,7 @@ from dnnlib import util
 from tests import edm_fixtures as fx
 from tests.detector_fixtures import StandIn, script_bytes
 from training.metrics import detector as det
-from training import legacy
+from training.checkpoint import legacy
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 

@@ -1,4 +1,4 @@
-"""EDM2's preconditioning and loss (training/preconditioners/edm2.py) and the import of EDM2's network pickles.
+"""EDM2's preconditioning and loss (training/preconditioners/edm2.py, training/losses/edm2.py) and the import of EDM2's network pickles.
 
 - EDM2Precond + EDM2UNet compute what EDM2's `Precond` computes (golden values from EDM2's code), with its
   state_dict layout;
@@ -24,12 +24,16 @@ from tests import edm_fixtures as fx
 from tests.helpers import make_dataset
 from tests.test_networks import LABEL_DIM, deterministic_state, golden_inputs, golden_summary
 from tests.test_networks_edm2 import TINY
-from training import checkpoint, config, legacy, pfgmpp
+from torch_utils import distributed
+from training import checkpoint, losses, pfgmpp
+from training.checkpoint import legacy
 from training.datasets import ImageFolderDataset
+from training.losses import EDM2Loss, EDMLoss
+from training.losses.edm2 import EDM2_LATENTS, EDM2_PIXELS
 from training.networks import build_network
-from training.preconditioners import EDM2Loss, EDM2Precond, EDMLoss, PRECONDITIONERS
-from training.preconditioners.edm2 import EDM2_LATENTS, EDM2_PIXELS
-from training.training_loop import Trainer
+from training.preconditioners import PRECONDITIONERS, EDM2Precond
+from training.train import config, data, setup, step
+from training.train.stats import TickStats
 
 UNET = {k: v for k, v in TINY["cond"].items() if k != "label_dim"}  # a tiny EDM2 UNet: 16x16, 8x8, 4x4
 
@@ -204,24 +208,40 @@ def edm2_config(tmp_path, **options):
 def test_training_options_default_to_edm2s():
     """P_mean / P_std left unset take EDM2's values; set, they are used; EDM's defaults are EDM's."""
     options = dict(stf=False, fp_reg=False, P_mean=None, P_std=None, sigma_scale=1.0)
-    D, precond_kwargs, loss_kwargs = EDM2Precond.training_kwargs(D=math.inf, cond=True, pfgmpp_on=False, options=options)
-    assert (loss_kwargs["P_mean"], loss_kwargs["P_std"]) == (-0.8, 1.6) and precond_kwargs == {"D": math.inf}
-    loss_kwargs = EDM2Precond.training_kwargs(D=128.0, cond=False, pfgmpp_on=True, options={**options, **EDM2_LATENTS})[2]
+    assert EDM2Precond.default_loss == "edm2" and losses.get("edm2") is EDM2Loss
+    assert EDM2Loss.compatible(EDM2Precond) and not EDMLoss.compatible(EDM2Precond)
+    D, precond_kwargs, loss_kwargs = EDM2Loss.configure(options, D=math.inf, cond=True, pfgmpp_on=False)
+    assert D == math.inf and precond_kwargs == {"D": math.inf}
+    assert "P_mean" not in loss_kwargs and "P_std" not in loss_kwargs  # unset: the loss's own defaults
+    loss_fn = EDM2Loss(**loss_kwargs)
+    assert (loss_fn.P_mean, loss_fn.P_std) == (-0.8, 1.6)
+    loss_kwargs = EDM2Loss.configure({**options, **EDM2_LATENTS}, D=128.0, cond=False, pfgmpp_on=True)[2]
     assert (loss_kwargs["P_mean"], loss_kwargs["P_std"], loss_kwargs["D"]) == (-0.4, 1.0, 128.0)
+    loss_fn = EDM2Loss(**loss_kwargs)
+    assert (loss_fn.P_mean, loss_fn.P_std, loss_fn.D) == (-0.4, 1.0, 128.0)
+    edm = EDMLoss(**EDMLoss.configure(options, D=math.inf, cond=True, pfgmpp_on=False)[2])
+    assert (edm.P_mean, edm.P_std) == (-1.2, 1.2)
 
 
 def test_one_training_step_through_the_trainer(tmp_path):
     c = edm2_config(tmp_path)
-    assert c.precond == "edm2" and c.network_class == "EDM2UNet"
-    assert (c.loss_kwargs["P_mean"], c.loss_kwargs["P_std"]) == (-0.8, 1.6)  # EDM2's, unset on the command line
-    assert edm2_config(tmp_path, P_mean=-0.4, P_std=1.0).loss_kwargs["P_mean"] == -0.4
-    dataset = ImageFolderDataset(**c.dataset_kwargs)
+    assert c.precond == "edm2" and c.loss == "edm2" and c.network_kwargs["class_name"] == "EDM2UNet"
+    loss_fn = config.build_loss(c)
+    assert (loss_fn.P_mean, loss_fn.P_std) == (-0.8, 1.6)  # EDM2's, unset on the command line
+    set_loss = config.build_loss(edm2_config(tmp_path, P_mean=-0.4, P_std=1.0))
+    assert edm2_config(tmp_path, P_mean=-0.4, P_std=1.0).loss_kwargs["P_mean"] == -0.4 and set_loss.P_mean == -0.4
+    dataset = ImageFolderDataset(**config.dataset_kwargs(c))
     c = config.complete(c, dataset)
-    trainer = Trainer(c, tmp_path, dataset, torch.device("cpu"), config.build_loss(c), None)
-    assert type(trainer.net) is EDM2Precond and type(trainer.loss_fn) is EDM2Loss
-    trainer.train_step(trainer.batches())
-    assert trainer.step == 1 and all(p.isfinite().all() for p in trainer.net.parameters())
-    head = trainer.net.logvar_linear.weight.grad
+    device = torch.device("cpu")
+    net = setup.build_denoiser(c, dataset, device)
+    loss_fn = config.build_loss(c)
+    assert type(net) is EDM2Precond and type(loss_fn) is EDM2Loss
+    opt = step.optimizer(c, net, device)
+    train_step = step.TrainStep(c, net, net, opt, loss_fn, config.augment_pipe(c), dataset, TickStats(device),
+                                distributed.get_rank(), distributed.get_world_size(), device)
+    train_step(0, 0, data.training_batches(dataset, c, 0, device), None)
+    assert train_step.stats.reduce()["steps"] == 1 and all(p.isfinite().all() for p in net.parameters())
+    head = net.logvar_linear.weight.grad
     assert head is not None and head.abs().sum() > 0  # the loss trained the log-variance head
 
 

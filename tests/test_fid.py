@@ -69,7 +69,7 @@ def test_gen_equals_generate_then_calc_bit_for_bit(setup, tmp_path):
     net = checkpoint.load_network(s["net"])
     settings = samplers.SamplerSettings("heun", dict(num_steps=3))
     in_memory = ((b.indices, b.images.permute(0, 3, 1, 2)) for b in generation.generate(net, range(24), 5, device, settings))
-    from_png = metrics.dataset_batches(metrics.open_images(str(s["images"]), 24, 0), 5, 0)
+    from_png = metrics.dataset_batches(metrics.image_dataset(str(s["images"]), 24, 0), 5, 0)
     a = metrics.statistics(in_memory, det, 24, device, ["fid", "kid"])
     b = metrics.statistics(from_png, det, 24, device, ["fid", "kid"])
     assert torch.equal(a.features, b.features)
@@ -278,9 +278,9 @@ def test_sigterm_while_writing_leaves_no_temporary_file(setup, tmp_path, command
 
 def test_calc_picks_a_seeded_subset_like_edm(setup):
     """More images than --num: a seeded choice of exactly num, the same one for the same seed."""
-    a = metrics.open_images(str(setup["images"]), 10, seed=1)
-    b = metrics.open_images(str(setup["images"]), 10, seed=1)
-    c = metrics.open_images(str(setup["images"]), 10, seed=2)
+    a = metrics.image_dataset(str(setup["images"]), 10, seed=1)
+    b = metrics.image_dataset(str(setup["images"]), 10, seed=1)
+    c = metrics.image_dataset(str(setup["images"]), 10, seed=2)
     names = lambda d: [d._image_names[i] for i in d._raw_idx]  # noqa: E731
     assert len(a) == 10 and names(a) == names(b) != names(c)
     assert len(ImageFolderDataset(str(setup["images"]))) == 24

@@ -157,7 +157,7 @@ def test_the_best_value_and_the_best_mean(metric, higher):
     texts = ["0-9", "10-19", "20-29"]
     found = sweep.Records("unused.json", [_record(n, t, v, metric) for n, vs in values.items() for t, v in zip(texts, vs)
                                           if v is not None])
-    networks = [sweep.describe(f"/runs/{n}") for n in values]
+    networks = [sweep.snapshot_of(f"/runs/{n}") for n in values]
     rows = sweep.table_rows(found, networks, ranges, {}, [metric], metric)
     top = sweep.best(rows, metric)
     assert top.single == (3, 0)

@@ -16,8 +16,10 @@ from click.testing import CliRunner
 import train
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import make_dataset, run_train
-from training import config, divergence, preconditioners
-from training.preconditioners import fp_regularizer
+from torch_utils import rng
+from training import divergence, losses
+from training.losses import fp_regularizer
+from training.train import config
 
 F64 = torch.float64
 
@@ -177,7 +179,7 @@ def test_the_regulariser_adds_exactly_its_stated_terms(weighting):
     net = TinyDenoiser().double()
     images = torch.rand([6, 1, 2, 2], generator=torch.Generator().manual_seed(1), dtype=F64) * 2 - 1
     options = dict(alpha=0.15, beta=0.01, m=2.0, weighting=weighting)
-    with_fp, without = preconditioners.EDMLoss(fp=options), preconditioners.EDMLoss()
+    with_fp, without = losses.EDMLoss(fp=options), losses.EDMLoss()
     draws = with_fp.draw(images.shape, "cpu", torch.Generator().manual_seed(2))
     assert len(draws) == 3 and len(without.draw(images.shape, "cpu", torch.Generator())) == 2
     draws = (draws[0].double(), draws[1].double(), draws[2].double())
@@ -199,7 +201,7 @@ def test_dropout_masks_are_replayed_in_every_call():
     torch.manual_seed(0)
     net = TinyDenoiser(dropout=0.5).train()
     x = torch.randn([4, 1, 2, 2])
-    replay = fp_regularizer.replay_randomness(x.device)
+    replay = rng.replay_point(x.device)
     first = net(x, 0.5)
     replay()
     torch.testing.assert_close(net(x, 0.5), first)
@@ -212,6 +214,7 @@ def test_config_and_cli_wiring(tmp_path):
     c = config.training_config(data="x.zip", fp_reg=True, fp_alpha=0.2, fp_weighting="constant", fp_probes=2)
     assert c.loss_kwargs["fp"] == dict(alpha=0.2, beta=0.01, m=2.0, weighting="constant", probe="rademacher",
                                        num_probes=2, fd_step=0.01)
+    assert fp_regularizer.from_options(c) == c.loss_kwargs["fp"]  # the configuration's options, by flag name
     assert "fp" not in config.training_config(data="x.zip").loss_kwargs
     with pytest.raises(ValueError, match="fp_alpha"):
         config.training_config(data="x.zip", fp_reg=True, fp_alpha=0, fp_beta=0)

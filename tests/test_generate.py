@@ -1,4 +1,4 @@
-"""generate.py and training/generation.py: seeded images independent of batch and ranks; clear errors."""
+"""generate.py and training/generation/: seeded images independent of batch and ranks; clear errors."""
 
 import math
 import pickle
@@ -173,7 +173,8 @@ def test_every_solver_generates_seeded_images(tmp_path, solver, options, D, prec
     (["--solver=pc", "--steps=2"], "D = inf|D=inf|finite D|diffusion"),
     (["--solver=pfgm_euler"], "networks trained with --precond=pfgm"),
     (["--solver=pfgm_rk45", "--steps=5"], "--steps does not apply to --solver=pfgm_rk45; it reads --sigma_min, --sigma_max, --rtol"),
-    (["--solver=rk4"], "choose one of heun .EDM's second-order"),
+    (["--solver=rk4"], r"Invalid value for '--solver': choose one of heun, euler, rk45, pc, pfgm_rk45, pfgm_euler, "
+                       r"pfgm_improved_euler; got 'rk4'"),
 ])
 def test_solver_option_mismatch_is_a_clear_error(snapshot, tmp_path, args, message):
     result = run(["--network", snapshot, "--outdir", tmp_path, "--seeds=0", *args], ok=False)

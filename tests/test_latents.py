@@ -12,7 +12,8 @@ import generate
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import snapshot_and_dataset, tiny_network
 from torch_utils import rng
-from training import latents, pfgmpp, samplers
+from training import pfgmpp, samplers
+from training.generation import latents
 
 F64 = torch.float64
 

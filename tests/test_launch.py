@@ -22,7 +22,7 @@ import pytest
 import train
 from tests.helpers import ROOT, TINY, assert_weights, final_state, free_port, make_dataset, subprocess_env
 from torch_utils import distributed
-from training import training_loop
+from training.train import setup
 
 pytestmark = pytest.mark.slow
 STEPS = 20  # batch 8: 160 images; more than 16, where a stop signal is acted on
@@ -97,7 +97,7 @@ def reference(data, tmp_path_factory) -> dict:
 def assert_same_training(run_dir: Path, reference: dict) -> None:
     """Bitwise the reference's final state, and each step counted once in stats.jsonl with its loss."""
     state = final_state(run_dir)
-    assert state["step"] == reference["state"]["step"] == STEPS and state["cur_nimg"] == STEPS * 8
+    assert state["step"] == reference["state"]["step"] == STEPS and state["nimg"] == STEPS * 8
     assert_weights(state["net"], reference["state"]["net"], exact=True)
     assert_weights(state["ema"], reference["state"]["ema"], exact=True)
     ticks = stats(run_dir)
@@ -184,9 +184,9 @@ def test_a_restarted_worker_keeps_its_run_directory(tmp_path, monkeypatch, resta
 def test_rewind_stats_drops_the_ticks_after_the_resumed_step(tmp_path):
     lines = [json.dumps(dict(tick=t, step=t + 1)) for t in range(5)] + ['{"tick": 5, "st']  # cut short by a kill
     (tmp_path / "stats.jsonl").write_text("\n".join(lines))
-    assert training_loop.rewind_stats(tmp_path, step=3) == 3
+    assert setup.rewind_stats(tmp_path, step=3) == 3
     assert [json.loads(line)["step"] for line in (tmp_path / "stats.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert training_loop.rewind_stats(tmp_path / "nothing-here", step=3) == 0
+    assert setup.rewind_stats(tmp_path / "nothing-here", step=3) == 0
 
 
 def test_a_process_group_timeout_must_be_positive():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests import edm_fixtures as fx
-from training import legacy
+from training.checkpoint import legacy
 
 
 class Leaf(torch.nn.Module):

@@ -24,7 +24,8 @@ from click.testing import CliRunner
 
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import ROOT, free_port, make_dataset, snapshot_and_dataset, subprocess_env
-from training import divergence, likelihood, pfgmpp
+from training import divergence, pfgmpp
+from training.generation import likelihood
 from training.cli import likelihood as likelihood_cli
 from training.samplers.levels import flow_range
 

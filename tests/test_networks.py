@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from training import preconditioners
-from training.networks import ARCH_PRESETS, NETWORKS, DhariwalUNet, EDM2UNet, SongUNet, build_network, network_kwargs
+from training.networks import NETWORKS, DhariwalUNet, EDM2UNet, Preset, SongUNet, build_network, network_kwargs, presets
 from training.networks.layers import Conv2d, GroupNorm, self_attention, weight_init
 
 # ----------------------------------------------------------------------------------------------
@@ -432,14 +432,19 @@ def test_inside_the_edm_preconditioner():
 
 def test_presets_and_overrides():
     assert NETWORKS == {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "EDM2UNet": EDM2UNet}
-    assert set(ARCH_PRESETS) == {"ddpmpp", "ncsnpp", "adm", *(f"edm2-{s}" for s in ("xs", "s", "m", "l", "xl", "xxl"))}
+    assert set(presets()) == {"ddpmpp", "ncsnpp", "adm", *(f"edm2-{s}" for s in ("xs", "s", "m", "l", "xl", "xxl"))}
+    assert {arch: cls for arch, (cls, _) in presets().items() if not arch.startswith("edm2-")} == {
+        "ddpmpp": SongUNet, "ncsnpp": SongUNet, "adm": DhariwalUNet}
+    assert all(cls is EDM2UNet for arch, (cls, _) in presets().items() if arch.startswith("edm2-"))
+    assert all(isinstance(entry, Preset) and "class_name" not in entry.kwargs for _, entry in presets().values())
     kwargs = network_kwargs("ddpmpp", cbase=64, cres="1,2,2,2", nblock=2, attn=[8], dropout=0.05)
     assert kwargs["class_name"] == "SongUNet" and kwargs["model_channels"] == 64
     assert kwargs["channel_mult"] == [1, 2, 2, 2] and kwargs["num_blocks"] == 2
     assert kwargs["attn_resolutions"] == [8] and kwargs["dropout"] == 0.05 and kwargs["embedding_type"] == "positional"
     assert network_kwargs("ncsnpp", label_dropout=0.1)["resample_filter"] == [1, 3, 3, 1]
     assert network_kwargs("adm") == {"class_name": "DhariwalUNet", "model_channels": 192, "channel_mult": [1, 2, 3, 4]}
-    assert ARCH_PRESETS["ddpmpp"]["model_channels"] == 128  # the presets themselves are not modified
+    assert presets()["ddpmpp"][1].kwargs["model_channels"] == 128  # the presets themselves are not modified
+    assert presets()["ddpmpp"][1].kwargs["channel_mult"] == [2, 2, 2] and SongUNet.presets["ddpmpp"].kwargs["num_blocks"] == 4
     kwargs = network_kwargs("ncsnpp", cbase=8, cres=[1, 2], nblock=1, attn=[4])
     with torch.device("meta"):
         net = build_network(kwargs.pop("class_name"), 8, 3, 3, **kwargs)

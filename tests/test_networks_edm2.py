@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.test_networks import LABEL_DIM, deterministic_state, golden_inputs, golden_summary, inputs, relative_error
-from training import checkpoint, preconditioners
-from training.networks import ARCH_PRESETS, EDM2UNet, build_network, network_kwargs
+from training import checkpoint, losses, preconditioners
+from training.networks import EDM2UNet, build_network, network_kwargs, presets
 from training.networks.edm2 import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
 
 # ----------------------------------------------------------------------------------------------
@@ -75,9 +75,13 @@ def test_state_dict_equals_edm2():
 
 
 def test_presets_and_their_32x32_use():
-    assert {name: ARCH_PRESETS[name]["model_channels"] for name in ARCH_PRESETS if name.startswith("edm2-")} == {
+    found = presets()
+    assert {name: entry.kwargs["model_channels"] for name, (_, entry) in found.items() if name.startswith("edm2-")} == {
         "edm2-xs": 128, "edm2-s": 192, "edm2-m": 256, "edm2-l": 320, "edm2-xl": 384, "edm2-xxl": 448}  # fmt: skip
-    assert [ARCH_PRESETS[f"edm2-{s}"]["dropout"] for s in PARAMETERS] == [0.0, 0.0, 0.1, 0.1, 0.1, 0.1]
+    assert all(found[name][0] is EDM2UNet for name in found if name.startswith("edm2-"))
+    assert [found[f"edm2-{s}"][1].kwargs["dropout"] for s in PARAMETERS] == [0.0, 0.0, 0.1, 0.1, 0.1, 0.1]
+    assert {name: entry.kwargs for name, entry in EDM2UNet.presets.items()} == {
+        name: entry.kwargs for name, (_, entry) in found.items() if name.startswith("edm2-")}
     assert network_kwargs("edm2-m", cbase=64) == {"class_name": "EDM2UNet", "model_channels": 64, "dropout": 0.1}
     # At 32x32: levels 32, 16, 8, 4 and attention at 16x16 and 8x8 (EDM2's UNet at img_resolution=32 counts
     # 119,205,797 parameters); with attention on the two lowest levels instead it is the 64x64 network.
@@ -291,7 +295,7 @@ def test_one_training_step_through_the_edm_preconditioner():
     torch.manual_seed(0)
     inner = build_network("EDM2UNet", 16, 3, 3, **{**TINY["cond"], "dropout": 0.1})
     net = preconditioners.EDMPrecond(inner, img_resolution=16, img_channels=3, label_dim=LABEL_DIM, D=128.0).train()
-    loss_fn = preconditioners.EDMLoss(D=128.0, P_mean=-0.8, P_std=1.6)
+    loss_fn = losses.EDMLoss(D=128.0, P_mean=-0.8, P_std=1.6)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99))
     x, _, labels, _ = inputs()
     loss = loss_fn(net, x.clamp(-1, 1), labels, generator=torch.Generator().manual_seed(0)).mean()

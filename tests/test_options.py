@@ -94,5 +94,5 @@ def test_the_sampler_table_keeps_edm_flag_names_and_feeds_both_tools():
     for command in (generate.main, fid.main.commands["gen"]):
         names = {p.name for p in command.params}
         assert set(sampler_options.OPTIONS) <= names
-    settings = sampler_options.settings({"solver": "euler", "num_steps": 5, "rho": None})
+    settings = sampler_options.sampler_settings({"solver": "euler", "num_steps": 5, "rho": None})
     assert (settings.solver, dict(settings.options)) == ("euler", {"num_steps": 5})

@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 
 from tests.oracles import AnalyticDenoiser, GaussianDenoiser
-from tests.test_training import make_dataset, run_train
+from tests.helpers import make_dataset, run_train
 from torch_utils import rng
 from training import checkpoint, preconditioners
 from training.samplers import score_sde

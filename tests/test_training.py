@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import train
-from training import checkpoint, training_loop
+from training import checkpoint
 
 from tests.helpers import ROOT, TINY, final_state, make_dataset, run_train, tiny_network
 from tests.helpers import assert_weights as _assert_weights
@@ -48,7 +48,7 @@ def test_resumed_run_is_bitwise_identical(data, tmp_path):
     args = [f"--data={data}", "--pfgmpp=1", "--aug_dim=128", "--batch=8", "--tick=0.016", "--dropout=0.1"]
     run_train(tmp_path / "straight", [*args, "--duration=0.000048"])
     run_train(tmp_path / "half", [*args, "--duration=0.000024"])
-    half_state = training_loop.find_resume_state(tmp_path / "half")
+    half_state = checkpoint.find_resume_state(tmp_path / "half")
     run_train(tmp_path / "resumed", [*args, "--duration=0.000048", f"--resume={half_state}"])
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     assert straight["step"] == resumed["step"] == 6
@@ -98,18 +98,18 @@ def test_sigterm_writes_a_state_that_resumes(data, tmp_path):
 
 def test_truncated_state_is_skipped_with_a_warning(data, tmp_path):
     run_train(tmp_path, [f"--data={data}", "--batch=8", "--duration=0.000016", "--tick=0.008", "--grid=0"])
-    good = training_loop.find_resume_state(tmp_path)
+    good = checkpoint.find_resume_state(tmp_path)
     newer = tmp_path / "training-state-000099.pt"
     newer.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert training_loop.find_resume_state(tmp_path) == good
+        assert checkpoint.find_resume_state(tmp_path) == good
     assert any("training-state-000099.pt" in str(w.message) for w in caught)
 
 
 def test_dry_run_prints_the_config(data, tmp_path):
     result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={data}", "--attn=4", "--pfgmpp=1", "--aug_dim=2048",
-                                             "--dry-run"])
+                                             "--dry_run"])  # the primary spelling; --dry-run and -n are aliases
     assert result.exit_code == 0, result.output
     config = json.loads(result.output[: result.output.rindex("}") + 1])
     assert config["D"] == 2048 and config["loss_kwargs"]["D"] == 2048 and config["precond_kwargs"]["D"] == 2048
@@ -119,7 +119,7 @@ def test_dry_run_prints_the_config(data, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--aug_dim=128"], "--pfgmpp=1"),
+        (["--aug_dim=128"], "--aug_dim has no effect without --pfgmpp=1 (the reference silently trains a diffusion model)"),
         (["--pfgmpp=1", "--aug_dim=0"], "D must be > 0"),
         (["--pfgmpp=1", "--aug_dim=-2"], "D must be > 0"),
         (["--pfgmpp=1", "--aug_dim=abc"], "not a number"),
@@ -131,9 +131,10 @@ def test_dry_run_prints_the_config(data, tmp_path):
         (["--precond=ve", "--stf=1"], "--stf applies only to --precond=edm"),
         (["--gamma=3"], "--gamma applies only to --precond=pfgm, not to --precond=edm"),
         (["--precond=pfgm", "--fp_reg=1"], "--fp_reg applies only to --precond=edm, edm2, vp or ve"),
-        (["--precond=iddpm"], "--precond"),
+        (["--precond=iddpm"], "Invalid value for '--precond': choose one of edm, edm2, vp, ve, pfgm; got 'iddpm'"),
         (["--resume=missing.pt"], "no such training state"),
-        (["--arch=unet"], "arch"),
+        (["--arch=unet"], "Invalid value for '--arch': choose one of ddpmpp, ncsnpp, adm, edm2-xs, edm2-s, edm2-m, edm2-l, "
+                          "edm2-xl, edm2-xxl; got 'unet'"),
         (["--attn=64"], "attn_resolutions [64] do not occur in this network"),  # found before the run, not in it
     ],
 )
@@ -152,7 +153,7 @@ def test_bad_data_is_a_click_error(tmp_path, problem):
 
 
 def test_grid_tiles_images_in_order():
-    from training import images
+    from training.generation import images
 
     tiles = np.stack([np.full([2, 3, 1], 10 * (i + 1), dtype=np.uint8) for i in range(5)])
     picture = np.asarray(images.grid(tiles, cols=3, pad=1))
@@ -172,9 +173,9 @@ def test_stable_target_field_training_runs(data, tmp_path):
 def test_a_failing_state_write_keeps_earlier_states(data, tmp_path, monkeypatch):
     """Disk full while writing a state: a clear error, and the previous state is untouched."""
     run_train(tmp_path, [f"--data={data}", "--batch=8", "--duration=0.000016", "--tick=0.008", "--grid=0"])
-    previous = training_loop.find_resume_state(tmp_path)
+    previous = checkpoint.find_resume_state(tmp_path)
     before = previous.read_bytes()
-    state = training_loop.read_state(previous)
+    state = checkpoint.read_state(previous)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -182,6 +183,7 @@ def test_a_failing_state_write_keeps_earlier_states(data, tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         net = tiny_network()
-        training_loop.write_state(previous, net, net, torch.optim.Adam(net.parameters()), 1, 8, {})
-    assert previous.read_bytes() == before and training_loop.read_state(previous)["step"] == state["step"]
+        checkpoint.write_state(previous, net=net, ema=net, optimizer=torch.optim.Adam(net.parameters()), step=1, nimg=8,
+                               config={})
+    assert previous.read_bytes() == before and checkpoint.read_state(previous)["step"] == state["step"]
     assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == []

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import train
 from tests.helpers import TINY, make_dataset, run_train, tiny_network
-from training import checkpoint, training_loop
+from training import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     data = make_dataset(root / "data.zip")
     args = [f"--data={data}", "--pfgmpp=1", "--aug_dim=64", "--batch=8", "--duration=0.000016", "--tick=0.008", "--snap=1"]
     run_train(root / "run", args)
-    return dict(root=root, args=args, state=training_loop.find_resume_state(root / "run"),
+    return dict(root=root, args=args, state=checkpoint.find_resume_state(root / "run"),
                 snapshot=next((root / "run").glob("network-snapshot-*.pt")))
 
 
@@ -57,7 +57,7 @@ def _other_width_snapshot(folder):
 
 CASES = {
     "resume with another D": (lambda run, tmp: ["--aug_dim=2048", f"--resume={run['state']}"],
-                              "--pfgmpp/--aug_dim 64 in the state, 2048 now"),
+                              "--aug_dim 64 in the state, 2048 now"),
     "resume with another preconditioner": (lambda run, tmp: ["--precond=vp", f"--resume={run['state']}"],
                                            '--precond "edm" in the state, "vp" now'),
     "resume with another width": (lambda run, tmp: ["--cbase=16", f"--resume={run['state']}"],
@@ -116,7 +116,7 @@ def test_options_a_resume_may_change_are_accepted(run, tmp_path):
     shutil.copytree(run["root"] / "run", folder)
     args = [a for a in run["args"] if not a.startswith("--duration")]
     run_train(folder, [*args, "--duration=0.000024", "--tick=0.004", "--snap=2", "--dump=3", "--resume=auto"])
-    assert training_loop.read_state(training_loop.find_resume_state(folder))["step"] == 3
+    assert checkpoint.read_state(checkpoint.find_resume_state(folder))["step"] == 3
 
 
 def test_generate_reads_the_ema_of_a_training_state(run):
@@ -157,4 +157,4 @@ def test_a_training_state_can_seed_a_new_run_with_other_options(run, tmp_path):
     """What the resume refusal advises: --transfer=STATE starts a new run (other --ema here) from the state's EMA."""
     args = [*run["args"], "--ema=0.1", f"--transfer={run['state']}"]
     run_train(tmp_path / "new", args)
-    assert training_loop.read_state(training_loop.find_resume_state(tmp_path / "new"))["step"] == 2
+    assert checkpoint.read_state(checkpoint.find_resume_state(tmp_path / "new"))["step"] == 2

@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 
-from dnnlib.util import EasyDict
 from tests.helpers import make_dataset
+from torch_utils import distributed
 from torch_utils.rng import mixed_seed
-from training import config
-from training import stats as stats_lib
-from training.augment import AugmentPipe
 from training.datasets import ImageFolderDataset
-from training.training_loop import GlobalBatchSampler, Trainer, ema_beta, learning_rate
+from training.train import config, data, setup
+from training.train import stats as stats_lib
+from training.train.data import GlobalBatchSampler
+from training.train.ema import RAMPUP_RATIO, Averages, ema_beta
+from training.train.step import TrainStep, learning_rate, optimizer
 
 
 def _take(sampler, rounds):
@@ -47,13 +48,13 @@ def test_mixed_seeds_differ():
 
 def test_ema_and_learning_rate_schedules():
     """EDM: beta = 0.5^(batch / min(halflife, ratio * nimg)); lr ramps linearly to its value."""
-    c = EasyDict(batch_size=512, ema_halflife_kimg=500, ema_rampup_ratio=0.05, lr=1e-3, lr_rampup_kimg=10000)
-    assert ema_beta(c, 10**9) == pytest.approx(0.5 ** (512 / 500_000))
-    assert ema_beta(c, 1_000_000) == pytest.approx(0.5 ** (512 / 50_000))
+    assert RAMPUP_RATIO == 0.05
+    assert ema_beta(500, 512, 10**9) == pytest.approx(0.5 ** (512 / 500_000))
+    assert ema_beta(500, 512, 1_000_000) == pytest.approx(0.5 ** (512 / 50_000))
     # The half-life in images holds for any batch size: beta^(n / batch) = 0.5 after n = half-life images.
     for batch in (64, 512, 4096):
-        c.batch_size = batch
-        assert ema_beta(c, 10**9) ** (500_000 / batch) == pytest.approx(0.5)
+        assert ema_beta(500, batch, 10**9) ** (500_000 / batch) == pytest.approx(0.5)
+    c = dict(lr=1e-3, lr_decay=0, batch=512, lr_rampup=10)  # lr_rampup in Mimg: 10_000 kimg
     assert learning_rate(c, 5_000_000) == pytest.approx(5e-4) and learning_rate(c, 20_000_000) == 1e-3
 
 
@@ -70,24 +71,62 @@ def test_tick_stats_means_by_sigma_bucket():
     assert s.reduce()["steps"] == 0  # reset after each tick
 
 
-def _trainer(tmp_path, **options) -> Trainer:
-    """A Trainer of a tiny DDPM++ on 16 8x8 images, on the CPU."""
-    data = make_dataset(tmp_path / "d.zip", count=16, labels=False)
-    c = config.training_config(data=str(data), arch="ddpmpp", cbase=8, cres="1", nblock=1, attn="", batch=8, workers=0,
-                               precision="fp32", **options)
-    dataset = ImageFolderDataset(**c.dataset_kwargs)
+class _Run:
+    """A training run's pieces as `training.train.loop.training_loop` sets them up (network, averages, optimizer,
+    step), stepped as the loop steps: reference batch, `TrainStep`, images seen, step, EMA."""
+
+    def __init__(self, c, dataset, device: torch.device, loss_fn, augment_pipe=None):
+        self.c, self.dataset, self.device, self.loss_fn, self.augment_pipe = c, dataset, device, loss_fn, augment_pipe
+        self.net = setup.build_denoiser(c, dataset, device)
+        self.averages = Averages(self.net, c.ema, c.ema_std, c.batch)
+        self.optimizer = optimizer(c, self.net, device)
+        self.ddp = setup.distributed_model(self.net, c, device)
+        self.stats = stats_lib.TickStats(device)
+        self.train_step = TrainStep(c, self.net, self.ddp, self.optimizer, loss_fn, augment_pipe, dataset, self.stats,
+                                    distributed.get_rank(), distributed.get_world_size(), device)
+        self.step, self.nimg = 0, 0
+
+    @property
+    def ema(self) -> torch.nn.Module:
+        return self.averages.reader
+
+    def batches(self):
+        """This rank's training rounds from the current step on."""
+        return data.training_batches(self.dataset, self.c, self.step, self.device)
+
+    def references(self):
+        """This rank's share of the reference batches (--rbatch) from the current step on."""
+        return data.reference_batches(self.dataset, self.c, self.step, self.device)
+
+    def advance(self, batches, references=None) -> None:
+        """One step of the loop: the reference batch, the optimizer step, then the EMA of the images seen."""
+        reference = None
+        if references is not None:
+            reference = data.reference_batch(references, self.loss_fn, self.train_step.reference_augment(self.step),
+                                             self.device)
+        self.train_step(self.step, self.nimg, batches, reference)
+        self.nimg += self.c.batch
+        self.step += 1
+        self.averages.update(self.net, self.nimg)
+
+
+def _trainer(tmp_path, device: str = "cpu", **options) -> _Run:
+    """The training pieces of a tiny DDPM++ on 16 8x8 images, on `device` (the CPU unless told)."""
+    dataset_path = make_dataset(tmp_path / "d.zip", count=16, labels=False)
+    options = dict(dict(cbase=8, cres="1", nblock=1, attn="", batch=8, workers=0, precision="fp32"), **options)
+    c = config.training_config(data=str(dataset_path), arch="ddpmpp", **options)
+    dataset = ImageFolderDataset(**config.dataset_kwargs(c))
     c = config.complete(c, dataset)
-    pipe = AugmentPipe(**c.augment_kwargs) if c.augment_kwargs else None
-    return Trainer(c, tmp_path, dataset, torch.device("cpu"), config.build_loss(c), pipe)
+    return _Run(c, dataset, torch.device(device), config.build_loss(c), config.augment_pipe(c))
 
 
 def test_the_first_step_copies_the_network_into_the_ema_as_edm(tmp_path):
     """EDM computes the EMA decay from the images seen before a step: 0 at the first, so the EMA becomes the net."""
     trainer = _trainer(tmp_path, augment=0, dropout=0)
-    trainer.train_step(trainer.batches())
+    trainer.advance(trainer.batches())
     for (name, p_ema), p_net in zip(trainer.ema.named_parameters(), trainer.net.parameters()):
         assert torch.equal(p_ema, p_net), name
-    trainer.train_step(trainer.batches())
+    trainer.advance(trainer.batches())
     assert any(not torch.equal(a, b) for a, b in zip(trainer.ema.parameters(), trainer.net.parameters()))
 
 
@@ -98,9 +137,10 @@ def test_the_stable_target_field_averages_over_an_augmented_reference_batch(tmp_
     seen = []
     original = trainer.loss_fn.target
     trainer.loss_fn.target = lambda y, perturbed, sigma, reference: seen.append(reference) or original(y, perturbed, sigma, reference)
-    references = trainer.batches(16, mixed_seed(trainer.c.seed, 4))
-    raw = torch.cat([images for images, _ in [next(trainer.batches(16, mixed_seed(trainer.c.seed, 4)))]])
-    trainer.train_step(trainer.batches(), references)
+    references = trainer.references()
+    (indices,) = itertools.islice(iter(GlobalBatchSampler(16, 16, 16, 0, 1, seed=mixed_seed(trainer.c.seed, 4))), 1)
+    raw = torch.stack([torch.as_tensor(trainer.dataset[i][0]) for i in indices])  # the reference order: (seed, 4)
+    trainer.advance(trainer.batches(), references)
     raw = raw.to(torch.float32) / 127.5 - 1
     g = torch.Generator().manual_seed(mixed_seed(trainer.c.seed, 0, 6))
     expected, _ = trainer.augment_pipe(raw, generator=g)
@@ -117,7 +157,7 @@ def test_channels_last_reaches_the_network(tmp_path):
     seen = []
     trainer.net.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(
         memory_format=torch.channels_last)))
-    trainer.train_step(trainer.batches())
+    trainer.advance(trainer.batches())
     assert seen and all(seen)
 
 
@@ -125,19 +165,14 @@ def test_channels_last_reaches_the_network(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_training_step_makes_no_host_sync(tmp_path):
     """Steps after the warm-up run without a host-device synchronisation (tick boundaries excepted)."""
-    data = make_dataset(tmp_path / "d.zip", count=16, labels=False)
-    c = config.training_config(data=str(data), arch="ddpmpp", cbase=8, cres="1", nblock=1, attn="", batch=8, workers=0,
-                               pfgmpp_on=True, aug_dim=128, augment=0.3)
-    dataset = ImageFolderDataset(**c.dataset_kwargs)
-    trainer = Trainer(config.complete(c, dataset), tmp_path, dataset, torch.device("cuda"), config.build_loss(c),
-                      AugmentPipe(**c.augment_kwargs))
+    trainer = _trainer(tmp_path, device="cuda", precision="tf32", pfgmpp=True, aug_dim=128, augment=0.3)
     batches = trainer.batches()
     for _ in range(2):
-        trainer.train_step(batches)
+        trainer.advance(batches)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            trainer.train_step(batches)
+            trainer.advance(batches)
     finally:
         torch.cuda.set_sync_debug_mode("default")

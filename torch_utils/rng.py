@@ -8,16 +8,15 @@ is a function of the stream's key `i` and of the draw's position, computed for t
 (training draws only this rank's rows of the global batch with them). Nothing here touches the global RNG
 except the `None` case, which uses it as torch does.
 
-Network code draws too (weight initialisation, dropout, label dropout) behind the network's fixed call
-signature; `network_draws(generator)` scopes those draws to an explicit generator, which training uses for
-the initial weights and for each step's dropout (`network_generator`, `dropout`), so nothing reseeds torch's
-global generator.
+Network code draws too (weight initialisation, dropout, label dropout), through torch's ordinary functions
+behind the network's fixed call signature; `network_draws(generator)` makes those draws come from an explicit
+generator for the length of a block (training's initial weights and each step's dropout), so nothing reseeds
+torch's global generator and this module is the only one that touches its state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Union
@@ -188,32 +187,44 @@ def randn_like_fn(generator: Generators) -> Callable[[torch.Tensor], torch.Tenso
 # ----------------------------------------------------------------------------------------------
 # Draws made inside network code: weight initialisation, dropout, label dropout.
 
-_NETWORK_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar("network_generator", default=None)
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """torch's own generator of a device (the CPU's, or a CUDA device's)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    if device.type != "cpu":
+        raise ValueError(f"network draws are supported on the CPU and CUDA, not on {device.type}")
+    return torch.random.default_generator
 
 
 @contextlib.contextmanager
 def network_draws(generator: torch.Generator) -> Iterator[torch.Generator]:
-    """Inside this block, the draws of network code (initial weights, dropout masks) come from `generator`."""
-    token = _NETWORK_GENERATOR.set(generator)
+    """Inside this block, torch's own generator of `generator`'s device draws from `generator`'s stream.
+
+    Network code draws behind a fixed signature (initial weights in constructors, dropout and label dropout in
+    forward) through torch's ordinary functions, which read torch's global generator; this block hands them an
+    explicit, seeded generator instead, and torch.compile's graphs draw from it too. Outside the block the global
+    generator is as it was; `generator` has advanced by what was drawn.
+    """
+    default = _default_generator(generator.device)
+    saved = default.get_state()
+    default.set_state(generator.get_state())
     try:
         yield generator
     finally:
-        _NETWORK_GENERATOR.reset(token)
+        generator.set_state(default.get_state())
+        default.set_state(saved)
 
 
-def network_generator() -> torch.Generator | None:
-    """The generator of `network_draws` in effect, or None (torch's global generator, as torch's own layers use)."""
-    return _NETWORK_GENERATOR.get()
+def replay_point(device: torch.device) -> Callable[[], None]:
+    """A function that resets torch's generators (the CPU's, and the device's when it is CUDA) to their state now,
+    so that code run again draws the same numbers (the same dropout mask in several calls of a network)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
+    def replay() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """`torch.nn.functional.dropout` drawing its mask from the generator of `network_draws`, when one is set.
-
-    On the CPU the mask is drawn as torch's own dropout draws it (a Bernoulli(1 - p) tensor like x, divided by
-    1 - p), so a generator seeded like the global one gives the same mask.
-    """
-    generator = _NETWORK_GENERATOR.get()
-    if generator is None or not training or p == 0 or x.numel() == 0:
-        return torch.nn.functional.dropout(x, p=p, training=training)
-    keep = 1.0 - p
-    return x * torch.empty_like(x).bernoulli_(keep, generator=generator).div_(keep)
+    return replay

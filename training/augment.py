@@ -47,7 +47,7 @@ import torch
 from dnnlib.util import records_init_kwargs
 from torch_utils import rng
 
-TRANSFORMS = ("xflip", "yflip", "rotate_int", "translate_int", "scale", "rotate_frac", "aniso", "translate_frac")
+AUGMENTATIONS = ("xflip", "yflip", "rotate_int", "translate_int", "scale", "rotate_frac", "aniso", "translate_frac")
 GEOMETRIC = ("scale", "rotate_frac", "aniso", "translate_frac")
 LABEL_NAMES = {
     "xflip": ("xflip",),
@@ -118,14 +118,14 @@ class AugmentPipe:
     ):
         self.p = _number("p (the overall augmentation probability)", p, hi=1)
         given = (xflip, yflip, rotate_int, translate_int, scale, rotate_frac, aniso, translate_frac)
-        self.multipliers = {name: _number(f"{name} (a multiplier)", m) for name, m in zip(TRANSFORMS, given)}
+        self.multipliers = {name: _number(f"{name} (a multiplier)", m) for name, m in zip(AUGMENTATIONS, given)}
         self.translate_int_max = _number("translate_int_max", translate_int_max)
         self.scale_std = _number("scale_std", scale_std)
         self.rotate_frac_max = _number("rotate_frac_max", rotate_frac_max)
         self.aniso_std = _number("aniso_std", aniso_std)
         self.aniso_rotate_prob = _number("aniso_rotate_prob", aniso_rotate_prob, hi=1)
         self.translate_frac_std = _number("translate_frac_std", translate_frac_std)
-        self.enabled = tuple(name for name in TRANSFORMS if self.multipliers[name] > 0)
+        self.enabled = tuple(name for name in AUGMENTATIONS if self.multipliers[name] > 0)
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -151,7 +151,7 @@ class AugmentPipe:
         """Per-sample parameters; with one generator per sample, row i depends on generator i alone."""
         u = rng.rand([batch, _UNIFORMS], generator, device=device, dtype=torch.float32)
         z = rng.randn([batch, _NORMALS], generator, device=device, dtype=torch.float32)
-        chosen = {name: u[:, i] < self.probabilities[name] for i, name in enumerate(TRANSFORMS)}
+        chosen = {name: u[:, i] < self.probabilities[name] for i, name in enumerate(AUGMENTATIONS)}
         zero = torch.zeros_like(u[:, 0])
 
         def keep(name: str, value: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,8 @@ PLOT_HINT = "pip install matplotlib (or pip install -e '.[plot]')"
 # What to evaluate.
 
 @dataclass(frozen=True)
-class Network:
-    """A network of a sweep: its path (absolute) or URL, and the training time and EMA profile its name tells."""
+class Snapshot:
+    """A network snapshot of a sweep: its path (absolute) or URL, and the training time and EMA profile its name tells."""
 
     path: str
     kimg: int | None = None
@@ -58,24 +58,24 @@ class Network:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def network_of(path: str) -> Network:
-    """The Network of a path: kimg and sigma_rel from `network-snapshot-NNNNNN[-S.SSS].pt` and `PREFIX-NNNNNN-S.SSS.pt`."""
+def snapshot_of(path: str) -> Snapshot:
+    """The Snapshot of a path: kimg and sigma_rel from `network-snapshot-NNNNNN[-S.SSS].pt` and `PREFIX-NNNNNN-S.SSS.pt`."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
     parsed = phema.parse_snapshot_name(name)
     if parsed is not None:
-        return Network(path, parsed[1], parsed[2])
+        return Snapshot(path, parsed[1], parsed[2])
     match = CLASSIC_NAME.fullmatch(name)
-    return Network(path, None if match is None else int(match["kimg"]))
+    return Snapshot(path, None if match is None else int(match["kimg"]))
 
 
-def _order(network: Network) -> tuple:
+def _order(network: Snapshot) -> tuple:
     """By training time (unnamed ones last), the classic EMA before the power-function profiles, then sigma_rel."""
     return (network.kimg is None, network.kimg or 0, network.sigma_rel is not None, network.sigma_rel or 0.0, network.path)
 
 
 def _snapshots_in(folder: Path) -> list[Path]:
     """The network snapshots of a run directory or of a reconstruction's output folder."""
-    return [p for p in folder.iterdir() if p.is_file() and network_of(p.name).kimg is not None]
+    return [p for p in folder.iterdir() if p.is_file() and snapshot_of(p.name).kimg is not None]
 
 
 def _expand(spec: str) -> list[str]:
@@ -99,20 +99,20 @@ def _expand(spec: str) -> list[str]:
     return [os.path.abspath(path)]
 
 
-def find_networks(specs: Sequence[str]) -> list[Network]:
+def find_networks(specs: Sequence[str]) -> list[Snapshot]:
     """The networks that comma-separated run directories, globs, files and URLs name, each once, by kimg then sigma_rel."""
-    found: dict[str, Network] = {}
+    found: dict[str, Snapshot] = {}
     for text in specs:
         for spec in (s.strip() for s in text.split(",")):
             if spec:
                 for path in _expand(spec):
-                    found.setdefault(path, network_of(path))
+                    found.setdefault(path, snapshot_of(path))
     if not found:
         raise ValueError("no network given; name run directories, globs, files or URLs")
     return sorted(found.values(), key=_order)
 
 
-def labels(networks: Sequence[Network]) -> list[str]:
+def labels(networks: Sequence[Snapshot]) -> list[str]:
     """Names for a table: the file names, or the paths (relative where local) when two file names are the same."""
     names = [n.name for n in networks]
     if len(set(names)) == len(names):
@@ -160,7 +160,7 @@ def settings(ref: str | None, detector_source: str | None, sampler: SamplerSetti
 # ------------------------------------------------------------------------------------------------
 # The results file.
 
-def record(network: Network, seeds: range, names: Sequence[str], key: dict, score: evaluation.Score) -> dict:
+def record(network: Snapshot, seeds: range, names: Sequence[str], key: dict, score: evaluation.Score) -> dict:
     """The record of one evaluation (`evaluation.score`) of a network on a seed range with the settings `key`."""
     return {"network": network.path, "kimg": network.kimg, "sigma_rel": network.sigma_rel, "seeds": evaluation.seed_ranges_text(seeds),
             "metrics": list(names), "settings": key, "results": score.results, "num": score.num,
@@ -193,7 +193,7 @@ class Records:
                              "hand? Remove that record (it is evaluated again) or choose another file")
         return cls(path, data["records"], data.get("best"))
 
-    def find(self, network: Network, seeds: range, key: dict, names: Sequence[str]) -> dict | None:
+    def find(self, network: Snapshot, seeds: range, key: dict, names: Sequence[str]) -> dict | None:
         """The record of `network` on `seeds` with the settings `key` holding the metrics `names`, or None."""
         text = evaluation.seed_ranges_text(seeds)
         for r in self.records:
@@ -221,7 +221,7 @@ class Records:
             json.dump({"format": FORMAT, "version": VERSION, "records": self.records, "best": self.best}, f, indent=1)
 
 
-def pending(records: Records, networks: Sequence[Network], ranges: Sequence[range], key: dict,
+def pending(records: Records, networks: Sequence[Snapshot], ranges: Sequence[range], key: dict,
             names: Sequence[str]) -> list[tuple[int, list[int]]]:
     """(network index, seed range indices) of the evaluations with the settings `key` not in `records` yet."""
     todo = [(i, [j for j, seeds in enumerate(ranges) if records.find(network, seeds, key, names) is None])
@@ -236,7 +236,7 @@ def pending(records: Records, networks: Sequence[Network], ranges: Sequence[rang
 class Row:
     """A network's values of one metric, one per seed range (None: not evaluated)."""
 
-    network: Network
+    network: Snapshot
     values: tuple[float | None, ...]
 
     @property
@@ -263,7 +263,7 @@ class Best:
     mean: int | None
 
 
-def table_rows(records: Records, networks: Sequence[Network], ranges: Sequence[range], key: dict,
+def table_rows(records: Records, networks: Sequence[Snapshot], ranges: Sequence[range], key: dict,
                names: Sequence[str], metric: str) -> list[Row]:
     """Each network's values of `metric` on each seed range, from the records with settings `key`."""
     score, _ = metrics.ranking(metric)

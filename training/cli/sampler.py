@@ -36,7 +36,7 @@ def sampler_options(command):
 def settings_from_options(opts: dict) -> samplers.SamplerSettings:
     """The sampler settings among the parsed options of `sampler_options`; a usage error for a foreign option."""
     try:
-        return sampler_table.settings(opts)
+        return sampler_table.sampler_settings(opts)
     except samplers.UnknownOptions as error:
         reads = [sampler_table.flag(k) for k in error.accepted if k in sampler_table.SOLVER_OPTIONS]
         raise click.UsageError(f"{', '.join(sampler_table.flag(k) for k in error.foreign)} does not apply to "

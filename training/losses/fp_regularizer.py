@@ -20,7 +20,7 @@ Penalty per sample: alpha * w(sigma) (|eps|^2 / N)^(m/2) + beta * |mean_batch rh
 element of the per-element DSM loss, w = g^2 = 2 sigma^2 (ll), g = sqrt(2) sigma (convention) or 1 (constant).
 d D / d sigma is a central finite difference in ln sigma; div D is Hutchinson's estimate v^T J v (one
 vector-Jacobian product with create_graph=True per probe), grad of it by double backward, all batched.
-Dropout draws the same mask in every network call of the regulariser (its generator is replayed).
+Dropout draws the same mask in every network call of the regulariser (torch's generators are replayed).
 
 Finite D: PFGM++ marginals obey Laplace's equation in N + D dimensions (second order in r), not a heat
 equation, and the network's (D - x) / sigma^2 is the score only as D -> inf. The exact denoiser's
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,24 +73,6 @@ def check_D(D: float, N: int) -> None:
         )
 
 
-def replay_randomness(device: torch.device) -> Callable[[], None]:
-    """A function that resets what network code draws from (dropout) to its state now: the generator of
-    `rng.network_draws` (training's), else torch's global one (CPU, and CUDA for a CUDA device)."""
-    generator = rng.network_generator()
-    if generator is not None:
-        state = generator.get_state()
-        return lambda: generator.set_state(state)
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def replay() -> None:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-    return replay
-
-
 @dataclass
 class Residuals:
     """vector: eps [B, ...] of the score FPE in t = ln sigma (score units); scalar: rho [B]; div_D [B]."""
@@ -114,7 +95,7 @@ def score_fpe_residuals(net, x: torch.Tensor, sigma: torch.Tensor, probes: torch
     batch, N = x.shape[0], math.prod(x.shape[1:])
     sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(batch).to(x.dtype)
     sigma_b = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-    replay = replay_randomness(x.device)
+    replay = rng.replay_point(x.device)  # the same dropout mask in every call
     fp32 = dict(force_fp32=True) if isinstance(net, Precond) else {}  # a finite difference needs full precision
 
     def call(points, levels):

@@ -2,10 +2,10 @@
 
 A network F_theta is an `nn.Module` taking EDM's keywords (`img_resolution`, `in_channels`, `out_channels`,
 `label_dim`, `augment_dim`, ...), called as `model(x, noise_labels, class_labels=None, augment_labels=None)`,
-and decorated with `@records_init_kwargs` so that a snapshot can rebuild it. It draws its initial weights from
-`torch_utils.rng.network_generator()` (the layers of training/networks/layers.py do; torch's own layers draw from
-the global generator, so reinitialise theirs with it), which training seeds from --seed. Its class declares, as
-class attributes:
+and decorated with `@records_init_kwargs` so that a snapshot can rebuild it. Its initial weights and its dropout
+may come from torch's ordinary functions and layers: training runs the constructor and each step's forward under
+`torch_utils.rng.network_draws` with generators seeded from --seed, so they are a function of the seed. Its class
+declares, as class attributes:
 
 - `presets`: the `--arch` names it offers, each a `Preset` (constructor keywords, and the train options whose
   recipe default the preset changes, such as EDM2's learning rate per size);

@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnnlib.util import records_init_kwargs
-from torch_utils import rng
 from training.networks.base import Network, Preset
 from training.networks.layers import label_input, self_attention
 
@@ -106,9 +105,8 @@ class MPFourier(nn.Module):
     def __init__(self, num_channels: int, bandwidth: float = 1.0):
         super().__init__()
         self.num_channels = int(num_channels)
-        generator = rng.network_generator()  # `rng.network_draws`: training's seeded initial weights
-        self.register_buffer("freqs", 2 * math.pi * bandwidth * torch.randn(num_channels, generator=generator))
-        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels, generator=generator))
+        self.register_buffer("freqs", 2 * math.pi * bandwidth * torch.randn(num_channels))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B] -> [B, num_channels] in x's dtype, evaluated in at least float32."""
@@ -129,7 +127,7 @@ class MPConv(nn.Module):
         super().__init__()
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
-        self.weight = nn.Parameter(torch.randn(self.out_channels, self.in_channels, *kernel, generator=rng.network_generator()))
+        self.weight = nn.Parameter(torch.randn(self.out_channels, self.in_channels, *kernel))
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Apply the layer to x in x's dtype (weights normalised in at least float32)."""
@@ -208,7 +206,7 @@ class MPBlock(nn.Module):
         scale = self.emb_linear(emb, gain=self.emb_gain) + 1  # learned gain, zero at init: scale 1
         y = mp_silu(y * scale[:, :, None, None].to(y.dtype))
         if self.training and self.dropout:
-            y = rng.dropout(y, p=self.dropout)
+            y = F.dropout(y, p=self.dropout)
         y = self.conv_res1(y)
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)

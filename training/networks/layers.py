@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_utils import rng
-
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
 
@@ -34,10 +32,9 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> t
     if mode not in INIT_MODES:
         raise ValueError(f"init_mode must be one of {', '.join(INIT_MODES)}; got {mode!r}")
     variance = 2.0 / (fan_in + fan_out) if mode.startswith("xavier") else 1.0 / max(fan_in, 1)
-    generator = rng.network_generator()  # `rng.network_draws`: training's seeded initial weights
     if mode.endswith("uniform"):
-        return math.sqrt(3.0 * variance) * (2.0 * torch.rand(*shape, generator=generator) - 1.0)
-    return math.sqrt(variance) * torch.randn(*shape, generator=generator)
+        return math.sqrt(3.0 * variance) * (2.0 * torch.rand(*shape) - 1.0)
+    return math.sqrt(variance) * torch.randn(*shape)
 
 
 class Linear(nn.Module):
@@ -270,7 +267,7 @@ class UNetBlock(nn.Module):
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:  # additive timestep conditioning (Ho et al. 2020; Song et al. 2021)
             x = F.silu(self.norm1(x + params))
-        x = self.conv1(rng.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
             a = self_attention(self.qkv(self.norm2(x)), self.num_heads)
@@ -306,7 +303,7 @@ class FourierEmbedding(nn.Module):
         if num_channels < 2 or num_channels % 2:
             raise ValueError(f"FourierEmbedding needs an even number of channels >= 2, got {num_channels}")
         self.num_channels = int(num_channels)
-        self.register_buffer("freqs", torch.randn(num_channels // 2, generator=rng.network_generator()) * scale)
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B] noise labels -> [B, num_channels]."""
@@ -327,6 +324,6 @@ def label_input(
     else:
         labels = class_labels.to(like.dtype).reshape(-1, label_dim)
     if training and p:
-        keep = torch.rand([batch, 1], device=like.device, generator=rng.network_generator()) >= p
+        keep = torch.rand([batch, 1], device=like.device) >= p
         labels = labels * keep.to(labels.dtype)
     return labels

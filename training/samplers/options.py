@@ -61,7 +61,7 @@ def flag(keyword: str) -> str:
     return OPTIONS[keyword].cli_flag if keyword in OPTIONS else f"--{keyword}"
 
 
-def settings(values: dict) -> samplers.SamplerSettings:
+def sampler_settings(values: dict) -> samplers.SamplerSettings:
     """The sampler settings among parsed option values (by keyword); `samplers.UnknownOptions` for a solver option
     the chosen solver does not read."""
     return samplers.SamplerSettings(values.get("solver", "heun"), {k: values.get(k) for k in SOLVER_OPTIONS})
