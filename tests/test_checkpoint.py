@@ -5,6 +5,8 @@ import math
 import os
 import zipfile
 
+import numpy as np
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -175,13 +177,22 @@ def test_safetensors_export_and_import(tmp_path):
         checkpoint.load_network(tmp_path / "foreign.safetensors")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random", "truncated-safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "truncated-safetensors", "undecodable", *(f"random{i}" for i in range(8))])
 def test_a_damaged_network_file_is_a_one_line_error(tmp_path, damage):
+    """Random bytes (seeded: each case is the same on every run) reach the unpickler in many shapes; every one is a
+    one-line error. 'undecodable' is the shape os.urandom once produced in CI: a protocol-0 string the unpickler
+    decodes as ASCII (a UnicodeDecodeError, which is a ValueError)."""
     net = _net(D=32.0, seed=7)
     suffix = ".safetensors" if "safetensors" in damage else ".pt"
     checkpoint.save_network(tmp_path / f"good{suffix}", net)
     data = (tmp_path / f"good{suffix}").read_bytes()
-    (tmp_path / "bad.pt").write_bytes(os.urandom(5000) if damage == "random" else data[: len(data) * 2 // 3])
+    if damage.startswith("random"):
+        data = np.random.default_rng(int(damage.removeprefix("random"))).bytes(5000)
+    elif damage == "undecodable":
+        data = b"U\x01\xc9."  # SHORT_BINSTRING of one byte 0xC9, then STOP
+    else:
+        data = data[: len(data) * 2 // 3]
+    (tmp_path / "bad.pt").write_bytes(data)
     with pytest.raises(ValueError, match="not a readable|not a network|not a torch checkpoint"):
         checkpoint.load_network(tmp_path / "bad.pt")
     result = CliRunner().invoke(convert.main, [str(tmp_path / "bad.pt"), str(tmp_path / "out.pt")])

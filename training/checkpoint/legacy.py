@@ -192,11 +192,21 @@ def safe_load(path) -> Any:
                 prefix = names[0][: -len("data.pkl")]
                 if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
                     raise ValueError(f"{path}: big-endian checkpoints are not supported")
-                return SafeUnpickler(io.BytesIO(archive.read(names[0])), archive, prefix).load()
-        try:
-            return SafeUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError) as error:
-            raise ValueError(f"{path}: not a readable checkpoint ({error})") from None
+                return _unpickle(SafeUnpickler(io.BytesIO(archive.read(names[0])), archive, prefix), path)
+        return _unpickle(SafeUnpickler(f), path)
+
+
+def _unpickle(unpickler: SafeUnpickler, path):
+    """Run the unpickler; bytes that are not a pickle (cut short, random, another format) fail in many ways, all
+    of them a ValueError that says so (nothing in the file ran); a refused global stays an UnsafeCheckpointError."""
+    try:
+        return unpickler.load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 (UnpicklingError, EOFError, UnicodeDecodeError, KeyError, ...)
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason}); if it was cut short, copy or download "
+                         "it again") from None
 
 
 def module_state_dict(record, prefix: str = "") -> dict[str, torch.Tensor]:
