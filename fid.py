@@ -10,6 +10,13 @@
 
 Under torchrun write `--num_images`: torchrun's own parser takes `--num` for its `--numa-binding`.
 
+`calc --images=RUN_DIR` on a run directory that the PFGM++ reference's way of generate.py filled (ckpt_NNNNNN
+folders: training/generation/reference.py) scores each checkpoint's folder, as the reference's fid.py does; its
+--ckpt/--end_ckpt (kimg) and --gen_seed (1, 2, 3: seeds 0-49999, 50000-99999, 100000-149999) choose them:
+
+    torchrun --standalone --nproc_per_node=8 fid.py calc --images=training-runs/exp_name \
+        --ref=fid-refs/cifar10-32x32.npz --num 50000 --ckpt 80000 --end_ckpt 81000 --gen_seed 1
+
 `gen` samples in memory and never writes PNGs; its images are quantised to uint8 exactly as
 generate.py saves them, so `gen` equals generate.py followed by `calc`. `sweep` runs `gen`'s evaluation for every
 network and seed range, keeps each result in --out at once (a rerun does only what is missing), and marks the
@@ -29,6 +36,7 @@ from torch_utils import distributed
 from training import evaluation, generation, metrics, sweep
 from training.cli import exit_on_signals, user_errors
 from training.cli.sampler import SeedList, sampler_options, settings_from_options
+from training.generation import reference as run_layout
 
 _COMMON = [
     click.option("--batch", "batch_size", help="Images per batch per rank", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True),
@@ -112,23 +120,50 @@ def _check_ref(ref, wanted) -> None:
 @click.option("--num", "--num_images", "num_expected", help="Number of images to use (--num_images under torchrun)", metavar="INT", type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option("--seed", help="Which images to use when there are more than --num", metavar="INT", type=int, default=0, show_default=True)
 @click.option("--workers", help="Image-reading processes per rank", metavar="INT", type=click.IntRange(min=0), default=lambda: distributed.default_workers(3), show_default="3, fewer where a rank has fewer cores")
+@click.option("--ckpt", help="Run directory: the first checkpoint's folder to score (kimg; the PFGM++ reference's)", metavar="KIMG", type=click.IntRange(min=0))
+@click.option("--end_ckpt", help="Run directory: the last checkpoint's folder to score (kimg)", metavar="KIMG", type=click.IntRange(min=0))
+@click.option("--gen_seed", help="Run directory: the seed range of the folders: 1 (0-49999), 2 (50000-99999), 3 (100000-149999)", metavar="1|2|3", type=click.IntRange(min=1, max=3))
 @eval_options
 @common_options
-def calc(image_path, num_expected, seed, workers, ref, wanted, out, batch_size, detector_source):
-    """Evaluate a folder or ZIP of images (e.g. from generate.py)."""
+def calc(image_path, num_expected, seed, workers, ckpt, end_ckpt, gen_seed, ref, wanted, out, batch_size, detector_source):
+    """Evaluate a folder or ZIP of images (e.g. from generate.py), or each checkpoint's folder of a run directory."""
     _check_ref(ref, wanted)
+    by_checkpoint = run_layout.has_image_folders(image_path)
+    if not by_checkpoint and (ckpt, end_ckpt, gen_seed) != (None, None, None):
+        raise click.UsageError(f"--ckpt/--end_ckpt/--gen_seed choose checkpoint folders (ckpt_NNNNNN) of a run directory, "
+                               f"and --images={image_path} holds none: generate into one with generate.py --outdir=RUN "
+                               "and no --network, or leave these options out")
     with user_errors():
         device = distributed.init()
 
     with exit_on_signals(), user_errors():
         check_output(out, "--out", overwrite=True)
-        dataset = metrics.image_dataset(image_path, num_expected, seed)
         det = metrics.detector.load_shared(detector_source, device)
         needs = metrics.reference_needs(wanted)
         reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, workers, progress=True)
-        batches = metrics.dataset_batches(dataset, batch_size, workers, progress=True)
-        results = metrics.evaluate(wanted, metrics.statistics(batches, det, len(dataset), device, wanted), reference, seed)
-        finish(results, dict(images=image_path, num=num_expected, ref=ref, detector=detector_source), out)
+
+        def score(path: str) -> dict:
+            dataset = metrics.image_dataset(path, num_expected, seed)
+            batches = metrics.dataset_batches(dataset, batch_size, workers, progress=True)
+            return metrics.evaluate(wanted, metrics.statistics(batches, det, len(dataset), device, wanted), reference, seed)
+
+        record = dict(images=image_path, num=num_expected, ref=ref, detector=detector_source)
+        if not by_checkpoint:
+            finish(score(image_path), record, out)
+        else:
+            folders = run_layout.image_folders(image_path, gen_seed or 1, ckpt or 0,
+                                               run_layout.LAST_KIMG if end_ckpt is None else end_ckpt)
+            if not folders:
+                raise ValueError(f"--images={image_path}: no checkpoint folder of --gen_seed={gen_seed or 1} with kimg "
+                                 "in the --ckpt/--end_ckpt range")
+            found = []
+            for kimg, folder in folders:
+                results = score(str(folder))
+                distributed.print0(f"{folder.name} (kimg {kimg}): " + ", ".join(f"{k} {v:g}" for k, v in results.items()))
+                found.append(dict(kimg=kimg, images=str(folder), results=results))
+            if out is not None and distributed.is_main():
+                with util.atomic_write(out, "w") as f:
+                    json.dump({"checkpoints": found, **record, "gen_seed": gen_seed or 1}, f, indent=2)
     distributed.shutdown()
 
 

@@ -15,6 +15,12 @@ ODE and checks that decoding returns them; --interpolate walks between two seeds
 The network is a snapshot of ours or an EDM / PFGM++ checkpoint (.pkl/.pt, path or URL), read
 without running code from it. D and the prior come from the checkpoint. Image k with seed s depends
 on s alone, whatever --batch and the number of ranks.
+
+The PFGM++ reference's way (training/generation/reference.py): without --network, every training state of the run
+directory --outdir whose kimg lies in [--ckpt, --end_ckpt] is sampled into --outdir/ckpt_NNNNNN/, as its README does:
+
+    torchrun --standalone --nproc_per_node=8 generate.py --seeds=0-49999 --outdir=./training-runs/exp_name \
+        --pfgmpp=1 --aug_dim=128 [--use_pickle=1] [--save_images]
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dnnlib import util
 from torch_utils import distributed
 from torch_utils.precision import configure as configure_precision
 from training import generation
-from training.generation import images
+from training.generation import images, reference
 from training.cli import user_errors
 from training.cli.sampler import SeedList, sampler_options, settings_from_options
 from training.pfgmpp import format_D
@@ -68,8 +74,25 @@ def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
                                        opts.get("guidance", 1.0))
 
 
+_REFERENCE_FLAGS = [  # the PFGM++ reference's generate.py: a run directory's checkpoints (docstring)
+    click.option("--ckpt", help="Without --network: the first checkpoint of --outdir to sample (kimg)", metavar="KIMG", type=click.IntRange(min=0)),
+    click.option("--end_ckpt", help="Without --network: the last checkpoint of --outdir to sample (kimg)", metavar="KIMG", type=click.IntRange(min=0)),
+    click.option("--use_pickle", help="Without --network: sample the run's training-state-*.pkl files", metavar="BOOL", type=bool, default=False, show_default=True),
+    click.option("--edm", help="Without --network: every checkpoint of --outdir, whatever --ckpt/--end_ckpt", metavar="BOOL", type=bool, default=False, show_default=True),
+    click.option("--save_images", help="Without --network: only a grid of the first batch per checkpoint, --outdir/ode_images_KIMG.png", is_flag=True),
+    click.option("--resume", help="The PFGM++ reference's unused flag (refused: see the message)", metavar="INT", hidden=True),
+]
+
+
+def reference_flags(command):
+    """The PFGM++ reference's generate.py options, for a run directory's checkpoints."""
+    for option in reversed(_REFERENCE_FLAGS):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--network", help="Network snapshot or EDM/PFGM++ checkpoint", metavar="PATH|URL", type=str, required=True)
+@click.option("--network", help="Network snapshot or EDM/PFGM++ checkpoint [default: the training states of --outdir, as the PFGM++ reference]", metavar="PATH|URL", type=str)
 @click.option("--outdir", help="Where to save one PNG per seed", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--seeds", help="Random seeds (e.g. 1,2,5-10)", metavar="LIST", type=SeedList(), default="0-63", show_default=True)
 @click.option("--subdirs", help="Create a subdirectory for every 1000 seeds", is_flag=True)
@@ -82,10 +105,26 @@ def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
 @click.option("--frames", help="Images along --interpolate", metavar="INT", type=click.IntRange(min=2), default=8, show_default=True)
 @click.option("--temperature", help="Prior radius scales, one --grid row each", metavar="LIST", callback=lambda ctx, p, v: _floats(v))
 @click.option("--overwrite", help="Replace images, latents or a --grid that exist already", is_flag=True)
+@reference_flags
 @sampler_options
 def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, latent_format, interpolate, frames,
-         temperature, overwrite, **opts):
+         temperature, overwrite, ckpt, end_ckpt, use_pickle, edm, save_images, resume, **opts):
     """Generate images with seeded, batch-independent sampling."""
+    if resume is not None:
+        raise click.UsageError("--resume is a flag of the PFGM++ reference's generate.py that it never uses; choose "
+                               "the checkpoints of --outdir with --ckpt/--end_ckpt (kimg), or one file with --network")
+    run_mode = dict(ckpt=ckpt, end_ckpt=end_ckpt, use_pickle=use_pickle, edm=edm, save_images=save_images)
+    if network is None:
+        single = [name for name, value in (("--grid", grid), ("--encode", encode), ("--interpolate", interpolate),
+                                           ("--temperature", temperature)) if value]
+        if single:
+            raise click.UsageError(f"{', '.join(single)} need(s) --network; without it generate.py samples the "
+                                   "checkpoints of --outdir, as the PFGM++ reference does")
+        return _run_directory(outdir, seeds, class_idx, batch_size, overwrite, opts, **run_mode)
+    given = [f"--{k}" for k, v in run_mode.items() if v not in (None, False)]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} select(s) checkpoints of the run directory --outdir (the PFGM++ "
+                               "reference's way); with --network, give the one file to sample instead")
     modes = [name for name, value in (("--encode", encode), ("--interpolate", interpolate), ("--temperature", temperature)) if value]
     if len(modes) > 1:
         raise click.UsageError(f"{' and '.join(modes)} cannot be combined: run them one at a time")
@@ -120,6 +159,46 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
         tiles = distributed.assemble(tiles, range(len(tiles)), len(tiles))
         if distributed.is_main():
             images.save_png(grid, images.grid(tiles.cpu().numpy()))
+    distributed.print0("done")
+    distributed.shutdown()
+
+
+def _run_directory(outdir, seeds, class_idx, batch_size, overwrite, opts, ckpt, end_ckpt, use_pickle, edm,
+                   save_images) -> None:
+    """The PFGM++ reference's generate.py: every checkpoint of the run directory --outdir (module docstring)."""
+    if outdir is None:
+        raise click.UsageError("give --network (a snapshot or checkpoint), or --outdir=RUN_DIR to sample every "
+                               "training state of that run as the PFGM++ reference does")
+    settings = settings_from_options(opts)
+    with user_errors():
+        device = distributed.init()
+    first, last = ckpt or 0, reference.LAST_KIMG if end_ckpt is None else end_ckpt
+    states = reference.checkpoints(outdir, use_pickle, first, last, every=edm)
+    if not states:
+        kind = "training-state-*.pkl" if use_pickle else "training-state-*.pt"
+        raise click.ClickException(f"--outdir={outdir} holds no {kind} with kimg in [{first}, {last}]: give --network, "
+                                   "or the run directory and --ckpt/--end_ckpt of its checkpoints")
+    for kimg, path in states:
+        net = load(str(path), device, opts, class_idx)
+        if save_images:
+            target = Path(outdir) / f"ode_images_{kimg}.png"
+            with user_errors():
+                distributed.main_only(lambda: util.check_output(target, "--save_images", overwrite))
+                tiles = _generate(net, seeds[:batch_size], batch_size, device, settings, class_idx, opts["precision"],
+                                  None, False, target)
+            tiles = distributed.assemble(tiles, range(len(tiles)), len(tiles))
+            if distributed.is_main():
+                images.save_png(target, images.grid(tiles.cpu().numpy()))
+            distributed.print0(f"{path.name}: a grid of {len(tiles)} images in {target}")
+            continue
+        folder = reference.image_folder(outdir, kimg, seeds)
+        if folder.exists() and not overwrite:
+            distributed.print0(f"{path.name}: {folder} exists, skipped (--overwrite to sample it again)")
+            continue
+        distributed.print0(f"{path.name}: {len(seeds)} images into {folder}")
+        with user_errors():
+            distributed.main_only(lambda: check_outputs(folder, None, [], True))
+            _generate(net, seeds, batch_size, device, settings, class_idx, opts["precision"], folder, True, None)
     distributed.print0("done")
     distributed.shutdown()
 

@@ -4,8 +4,10 @@
     python reconstruct_phema.py --indir=RUN --outdir=phema --outstd=0.010,0.015,...,0.250 --batch=8
 
 Reads the run's network-snapshot-NNNNNN-S.SSS.pt files (the tracked profiles, written by a run that tracks
-power-function EMA), solves for the combination of those up to --outkimg that best gives each wanted sigma_rel
-there, and writes OUTPREFIX-NNNNNN-S.SSS.pt in the safe snapshot format. The math is in training/phema.py;
+power-function EMA), or EDM2's network-snapshot-NNNNNNN-S.SSS.pkl files (through the allow-listed unpickler: nothing
+in them runs), solves for the combination of those up to --outkimg that best gives each wanted sigma_rel there, at
+each snapshot's exact training time where it records one (ours do; EDM2's names tell kimg), and writes
+OUTPREFIX-NNNNNN-S.SSS.pt in the safe snapshot format. The math is in training/phema.py;
 docs/phema.md has the choice of snapshots and the measured accuracy.
 """
 
@@ -55,7 +57,8 @@ def report(plan: phema.Reconstruction) -> None:
     times: dict[int, list[str]] = {}
     for s in plan.snapshots:
         times.setdefault(s.kimg, []).append(f"{s.sigma_rel:.3f}")
-    click.echo(f"Combining {len(plan.snapshots)} snapshots at {len(times)} times up to kimg {plan.kimg}:")
+    click.echo(f"Combining {len(plan.snapshots)} snapshots at {len(times)} times up to kimg {plan.kimg} "
+               f"({plan.t * 1000:.0f} images):")
     for kimg, profiles in times.items():
         click.echo(f"    kimg {kimg:06d}: sigma_rel {', '.join(profiles)}")
     for s, residual in zip(plan.sigma_rel, plan.residual):
@@ -67,14 +70,14 @@ def report(plan: phema.Reconstruction) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--indir", help="Run directory holding the network-snapshot-NNNNNN-S.SSS.pt files", metavar="DIR",
+@click.option("--indir", help="Run directory holding the network-snapshot-NNNNNN-S.SSS.pt files (or EDM2's .pkl)", metavar="DIR",
               type=click.Path(exists=True, file_okay=False), required=True)
 @click.option("--outdir", help="Where to write the reconstructed snapshots", metavar="DIR",
               type=click.Path(file_okay=False), required=True)
 @click.option("--outstd", help="sigma_rel values to reconstruct, e.g. 0.1,0.15 or 0.010,0.015,...,0.250",
               metavar="LIST", callback=sigma_rel_list, required=True)
 @click.option("--outkimg", help="Training time to reconstruct at (a snapshot's)  [default: the latest]",
-              metavar="KIMG", type=click.IntRange(min=1))
+              metavar="KIMG", type=click.IntRange(min=0))
 @click.option("--outprefix", help="Output file name prefix", metavar="STR", type=str, default="phema", show_default=True)
 @click.option("--skip", help="Skip outputs that already exist", is_flag=True)
 @click.option("--batch", help="Outputs reconstructed per pass over the snapshots (held in memory)", metavar="INT",
@@ -87,7 +90,7 @@ def main(indir: str, outdir: str, outstd: list[float], outkimg: int | None, outp
         raise click.UsageError("--skip keeps existing outputs and --overwrite replaces them; give one of them")
     with exit_on_signals(), user_errors():
         snapshots = phema.find_snapshots(indir)
-        kimg = phema.output_kimg(snapshots, outkimg)
+        kimg, _ = phema.output_time(snapshots, outkimg)
         paths = outputs(Path(outdir), outprefix, kimg, outstd, [s.path for s in snapshots], skip, overwrite)
         if not paths:
             click.echo("Nothing to do: every output exists.")

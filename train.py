@@ -24,10 +24,13 @@ from training.cli.options import click_options
 from training.train import config
 from training.train.options import OPTIONS
 
-def _run_dir(outdir: Path, desc: str, nosubdir: bool, resume: str | None) -> Path:
-    """outdir itself (--nosubdir), the newest run of this description (--resume=auto), or a new NNNNN-desc."""
+def _run_dir(outdir: Path, desc: str, nosubdir: bool, resume: str | None, name: str | None = None) -> Path:
+    """outdir itself (--nosubdir), outdir/NAME (--name), the newest run of this description (--resume=auto), or a new
+    NNNNN-desc."""
     if nosubdir:
         return outdir
+    if name is not None:
+        return outdir / name
     runs = sorted((int(m.group(1)), p) for p in outdir.glob("*") if (m := re.match(r"^(\d+)-", p.name)) and p.is_dir())
     if resume == "auto":
         restarted = distributed.restart_count() > 0  # torchrun restarted us: our run, with or without a state
@@ -49,12 +52,16 @@ def _setup_logging(run_dir: Path | None) -> logging.Logger:
     return log
 
 
-def _main(outdir, desc, nosubdir, dry_run, resume, **opts):
+def _main(outdir, desc, nosubdir, dry_run, resume, name, **opts):
     """Train PFGM++ / diffusion models (single process, or torchrun for several GPUs and nodes)."""
     from training.datasets import ImageFolderDataset
 
     if opts.get("transfer") and resume:
         raise click.UsageError("--transfer and --resume cannot be combined: --resume continues a run, --transfer starts one")
+    if name is not None and (nosubdir or desc):
+        raise click.UsageError("--name names the run directory (--outdir/NAME): it cannot be combined with --nosubdir or --desc")
+    if name is not None and (not name.strip() or name in (".", "..") or "/" in name or "\\" in name):
+        raise click.UsageError(f"--name={name!r} must be a plain directory name (no '/'); --outdir says where it goes")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     with user_errors():
         c = config.training_config(world_size=world, **opts)
@@ -62,16 +69,16 @@ def _main(outdir, desc, nosubdir, dry_run, resume, **opts):
         c = config.complete(c, dataset, world)
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise click.ClickException(f"--resume={resume}: no such training state")
-    name = desc or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(c.data).stem)
-    run_desc = config.run_description(c, name, world, "cuda" if torch.cuda.is_available() else "cpu")
+    dataset_name = desc or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(c.data).stem)
+    run_desc = config.run_description(c, dataset_name, world, "cuda" if torch.cuda.is_available() else "cpu")
     if dry_run:
         with user_errors():
             dataset.check_images()
         click.echo(json.dumps(c, indent=2))
-        click.echo(f"run directory: {_run_dir(Path(outdir), run_desc, nosubdir, resume)} ({len(dataset)} images, "
+        click.echo(f"run directory: {_run_dir(Path(outdir), run_desc, nosubdir, resume, name)} ({len(dataset)} images, "
                    f"{dataset.resolution}x{dataset.resolution}x{dataset.num_channels})")
         return
-    _train(c, dataset, Path(outdir), run_desc, nosubdir, resume)
+    _train(c, dataset, Path(outdir), run_desc, nosubdir, resume, name)
 
 
 def command() -> click.Command:
@@ -98,6 +105,11 @@ def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path 
     from training.train import setup
 
     dataset.check_images(progress=True)  # a wrong image found mid-training would cost the run
+    if c.wandb:  # a missing package found at the first tick would too
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("--wandb needs the wandb package: pip install wandb (or pip install 'pfgmpp[wandb]')")
     if c.metrics:  # a missing detector or reference found at the first snapshot would too
         from training import evaluation
 
@@ -119,12 +131,14 @@ def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path 
     return state
 
 
-def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, resume: str | None) -> None:
+def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, resume: str | None,
+           name: str | None = None) -> None:
     from training.train import training_loop
 
     with user_errors():
         distributed.init(timeout_s=c.dist_timeout)
-    run_dir = Path(distributed.broadcast_object(str(_run_dir(outdir, run_desc, nosubdir, resume)) if distributed.is_main() else None))
+    run_dir = Path(distributed.broadcast_object(str(_run_dir(outdir, run_desc, nosubdir, resume, name))
+                                                if distributed.is_main() else None))
     with user_errors():
         state = distributed.main_only(lambda: _preflight(c, dataset, run_dir, resume))
     try:

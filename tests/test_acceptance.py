@@ -16,8 +16,10 @@ from tests.helpers import ROOT, subprocess_env
 
 @pytest.mark.slow
 def test_quick_acceptance_writes_every_figure(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "acceptance.py"), "--quick", f"--out={tmp_path}"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    # Ten times the quick budget (and every stage's cap): a check that each stage runs and writes its figures, not of
+    # how fast, so that a loaded machine (the suite's other processes) cannot make it fail.
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "acceptance.py"), "--quick", "--budget=600",
+                           f"--out={tmp_path}"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "acceptance.json").read_text())
     stages = report["stages"]

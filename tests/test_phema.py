@@ -297,3 +297,45 @@ def test_sigma_rel_lists():
     for bad in ("0.1,...", "0.01,0.02,...,0.035", "x", ""):
         with pytest.raises(ValueError):
             phema.expand_sigma_rel_list(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact training times: steps of 1536 images, so a name's kimg (images // 1000) is rounded down.
+
+def _odd_run(folder, provenance: bool):
+    """The random walk of `run` in steps of 1536 images; snapshots record their exact kimg when `provenance`."""
+    torch.manual_seed(0)
+    net = tiny_network()
+    tracked, untracked = phema.PowerFunctionEMA(net, TRACKED), phema.PowerFunctionEMA(net, UNTRACKED)
+    generator = torch.Generator().manual_seed(5)
+    drift = [torch.randn(p.shape, generator=generator) for p in net.parameters()]
+    for step in range(1, 81):
+        with torch.no_grad():
+            for p, d in zip(net.parameters(), drift):
+                p.add_(0.01 * (d + torch.randn(p.shape, generator=generator)))
+        tracked.update(net, step * 1536, 1536)
+        untracked.update(net, step * 1536, 1536)
+        if step % EVERY == 0:
+            for sigma_rel, ema in tracked.items():
+                origin = {"kimg": step * 1536 / 1000} if provenance else None
+                checkpoint.save_network(folder / phema.snapshot_name(step * 1536 // 1000, sigma_rel), ema, origin)
+    return untracked, net
+
+
+def test_the_reconstruction_uses_each_snapshots_exact_time(tmp_path):
+    """Names round 1536 images per step down to kimg; the provenance's exact times keep the untracked profiles
+    accurate, the names' alone do not. Measured (16 snapshot times, error relative to |ema - raw|): exact times
+    3.0e-4 (0.07) and 1.1e-3 (0.15); the names' rounded times 4.7e-3 and 1.8e-3."""
+    errors = {}
+    for provenance in (True, False):
+        folder = tmp_path / str(provenance)
+        folder.mkdir()
+        untracked, net = _odd_run(folder, provenance)
+        snapshots = phema.find_snapshots(folder)
+        assert all((s.nimg == round(s.t * 1000) and s.nimg % 1536 == 0) if provenance else s.nimg is None for s in snapshots)
+        plan, nets = reconstructed(folder, list(UNTRACKED))
+        assert plan.t == pytest.approx(80 * 1.536 if provenance else 122)
+        errors[provenance] = [float((flat(nets[s]) - flat(untracked.module(s))).norm() /
+                                    (flat(untracked.module(s)) - flat(net)).norm()) for s in UNTRACKED]
+    assert all(e < 2e-3 for e in errors[True]), errors
+    assert all(rounded > 1.5 * exact for exact, rounded in zip(errors[True], errors[False])), errors

@@ -66,7 +66,8 @@ def test_outputs_of_a_run(data, tmp_path):
     assert ticks[-1]["nonfinite_grad_steps"] == 0 and set(ticks[-1]["loss_by_sigma"]) and ticks[-1]["steps"] == 2
     net = checkpoint.load_network(tmp_path / "network-snapshot-000000.pt")
     assert net.label_dim == 4 and net.img_resolution == 8
-    assert PIL.Image.open(tmp_path / "samples-000000.png").size == (17, 17)  # 2 x 2 images of 8 px, 1 px apart
+    # 2 x 2 images of 8 px, 1 px apart, enlarged 8 times so that each shows at 64 px
+    assert PIL.Image.open(tmp_path / "samples-000000.png").size == (17 * 8, 17 * 8)
 
 
 def test_loss_falls_on_a_tiny_dataset(tmp_path):

@@ -24,8 +24,9 @@ def run(tmp_path_factory):
     data = make_dataset(root / "data.zip")
     args = [f"--data={data}", "--pfgmpp=1", "--aug_dim=64", "--batch=8", "--duration=0.000016", "--tick=0.008", "--snap=1"]
     run_train(root / "run", args)
-    return dict(root=root, args=args, state=checkpoint.find_resume_state(root / "run"),
-                snapshot=next((root / "run").glob("network-snapshot-*.pt")))
+    state = checkpoint.find_resume_state(root / "run")  # the last, training-state-000000.016.pt: two ticks of 8
+    return dict(root=root, args=args, state=state,
+                snapshot=root / "run" / state.name.replace("training-state-", "network-snapshot-"))
 
 
 class Shell:

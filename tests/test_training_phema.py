@@ -42,8 +42,9 @@ def test_tracked_emas_are_the_power_weighted_average_of_the_training_history(tmp
 
 
 def test_snapshots_per_profile_and_bitwise_resume(data, tmp_path):
-    """One network file per tracked profile (and the classic EMA) at each snapshot, each readable by generate.py; a
-    run resumed halfway ends bitwise equal to an uninterrupted one, tracked EMAs included."""
+    """One network file per tracked profile (and the classic EMA) at each snapshot, each readable by generate.py and
+    none replacing another though they are under 1 kimg apart; a run resumed halfway ends bitwise equal to an
+    uninterrupted one, tracked EMAs included, and names its snapshots as it would have."""
     args = [f"--data={data}", *STEP_ARGS, "--ema_std=0.050,0.100"]
     run_train(tmp_path / "straight", [*args, "--duration=0.000024"])
     run_train(tmp_path / "half", [*args, "--duration=0.000012"])
@@ -55,9 +56,12 @@ def test_snapshots_per_profile_and_bitwise_resume(data, tmp_path):
         assert_weights(a, b, exact=True)
     assert_weights(straight["ema"], resumed["ema"], exact=True)
     names = sorted(p.name for p in (tmp_path / "straight").glob("network-snapshot-*.pt"))
-    assert names[-3:] == ["network-snapshot-000000-0.050.pt", "network-snapshot-000000-0.100.pt", "network-snapshot-000000.pt"]
-    snap = checkpoint.load_network(tmp_path / "straight" / "network-snapshot-000000-0.100.pt")
+    labels = ["000000", *(f"000000.{n:03d}" for n in (8, 12, 16, 20, 24))]  # six steps of 4 images, a snapshot each
+    assert names == sorted(f"network-snapshot-{k}{s}.pt" for k in labels for s in ("", "-0.050", "-0.100"))
+    snap = checkpoint.load_network(tmp_path / "straight" / "network-snapshot-000000.024-0.100.pt")
     assert_weights(snap.state_dict(), straight["phema"]["ema"][1], exact=True)
+    resumed_names = sorted(p.name for p in (tmp_path / "resumed").glob("network-snapshot-*.pt"))
+    assert resumed_names == [n for n in names if any(f"000000.{k}" in n for k in ("016", "020", "024"))]
     result = CliRunner().invoke(generate.main, [f"--network={tmp_path / 'straight' / names[-2]}", "--seeds=0-1", "--steps=2",
                                                 f"--outdir={tmp_path / 'img'}"])
     assert result.exit_code == 0, result.output
@@ -74,7 +78,8 @@ def test_only_power_function_emas(data, tmp_path):
     """--ema=0 with --ema_std (EDM2's way): no classic EMA file; the state's readers get the widest profile."""
     run_train(tmp_path, [f"--data={data}", *STEP_ARGS, "--duration=0.000008", "--ema=0", "--ema_std=0.05,0.1"])
     names = sorted(p.name for p in tmp_path.glob("network-snapshot-*.pt"))
-    assert names == ["network-snapshot-000000-0.050.pt", "network-snapshot-000000-0.100.pt"]
+    assert names == ["network-snapshot-000000-0.050.pt", "network-snapshot-000000-0.100.pt",
+                     "network-snapshot-000000.008-0.050.pt", "network-snapshot-000000.008-0.100.pt"]
     state = final_state(tmp_path)
     assert_weights(state["ema"], state["phema"]["ema"][1], exact=True)
     assert "ema_beta" not in json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[-1])
@@ -97,10 +102,10 @@ def test_metrics_during_training_equal_fid_gen_on_the_snapshot(data, tmp_path, o
                                  f"--metrics_ref={ref}", "--metrics_num=6", f"--detector={detector}"])
     lines = {m: [json.loads(x) for x in (tmp_path / "run" / f"metric-{m}.jsonl").read_text().splitlines()] for m in ("fid", "kid")}
     assert [(r["step"], r["snapshot"], r["sigma_rel"]) for r in lines["fid"]] == [
-        (step, name, sigma_rel) for step in (1, 2)  # a snapshot per tick of one step, all named kimg 0
-        for name, sigma_rel in (("network-snapshot-000000.pt", None), ("network-snapshot-000000-0.100.pt", 0.1))]
+        (step, f"network-snapshot-{label}{suffix}.pt", sigma_rel)  # a snapshot per tick of one step, under 1 kimg apart
+        for step, label in ((1, "000000"), (2, "000000.008")) for suffix, sigma_rel in (("", None), ("-0.100", 0.1))]
     assert all(r["images"] == 6 for r in lines["fid"] + lines["kid"]) and len(lines["kid"]) == 4
-    for record in lines["fid"][2:]:  # the files hold the last snapshot
+    for record in lines["fid"][2:]:  # each record's own snapshot file: the last ones
         out = tmp_path / f"{record['snapshot']}.json"
         result = CliRunner().invoke(fid.main, ["gen", f"--network={tmp_path / 'run' / record['snapshot']}", "--seeds=0-5",
                                                f"--ref={ref}", "--metrics=fid", f"--detector={detector}", f"--out={out}"])

@@ -46,12 +46,14 @@ import numpy as np
 import torch
 
 from training import checkpoint
+from training.checkpoint.formats import KIMG_PATTERN, label_images
 
 SNAPSHOT_PREFIX = "network-snapshot"
 SIGMA_REL_MAX = math.sqrt(1 / 12)  # gamma = 0: the uniform average of the whole history
 DEFAULT_SIGMA_REL = (0.05, 0.10)  # EDM2's two tracked profiles (gamma 16.97 and 6.94)
 FIT_WARNING = 0.05  # a relative L2 residual of the fitted profile above this is reported as a poor fit
-_NAME = re.compile(r"(?P<prefix>.+)-(?P<kimg>\d+)-(?P<sigma_rel>\d+\.\d{3})\.pt")
+# This program's `.pt` / `.safetensors` snapshots and EDM2's `.pkl` ones (network-snapshot-0001234-0.050.pkl).
+_NAME = re.compile(rf"(?P<prefix>.+)-{KIMG_PATTERN}-(?P<sigma_rel>\d+\.\d{{3}})\.(?:pt|safetensors|pkl)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,20 +112,24 @@ def check_profiles(sigma_rels: Sequence[float]) -> list[float]:
     return profiles
 
 
-def snapshot_name(kimg: int, sigma_rel: float | None = None, prefix: str = SNAPSHOT_PREFIX) -> str:
-    """'network-snapshot-000123-0.100.pt': the snapshot of a tracked profile at kimg = images // 1000; without
-    sigma_rel, the classic EMA's 'network-snapshot-000123.pt'."""
+def snapshot_name(kimg: int | str, sigma_rel: float | None = None, prefix: str = SNAPSHOT_PREFIX) -> str:
+    """'network-snapshot-000123-0.100.pt': the snapshot of a tracked profile at kimg = images // 1000 (or at a
+    `checkpoint.formats.kimg_label` such as '000123.456'); without sigma_rel, the classic EMA's
+    'network-snapshot-000123.pt'."""
+    label = kimg if isinstance(kimg, str) else f"{int(kimg):06d}"
     if sigma_rel is None:
-        return f"{prefix}-{int(kimg):06d}.pt"
-    return f"{prefix}-{int(kimg):06d}-{float(sigma_rel):.3f}.pt"
+        return f"{prefix}-{label}.pt"
+    return f"{prefix}-{label}-{float(sigma_rel):.3f}.pt"
 
 
-def parse_snapshot_name(name: str) -> tuple[str, int, float] | None:
-    """(prefix, kimg, sigma_rel) of a name written by `snapshot_name`, or None for any other name."""
+def parse_snapshot_name(name: str) -> tuple[str, int, float, int | None] | None:
+    """(prefix, kimg, sigma_rel, the exact images seen when the name tells them) of a profile's snapshot name, ours
+    (`snapshot_name`) or EDM2's; None for any other name."""
     match = _NAME.fullmatch(name)
     if match is None:
         return None
-    return match["prefix"], int(match["kimg"]), float(match["sigma_rel"])
+    kimg, nimg = label_images(match["kimg"], match["rest"])
+    return match["prefix"], kimg, float(match["sigma_rel"]), nimg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,11 +227,18 @@ def solve_weights(t_in, sigma_in, t_out, sigma_out) -> tuple[np.ndarray, np.ndar
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """A stored EMA snapshot: its file, its time (kimg) and its profile."""
+    """A stored EMA snapshot: its file, its time (kimg, from the name), its profile, and the exact images seen when
+    known (from the name, or the provenance our snapshots record; EDM2's names round them down to kimg)."""
 
     path: Path
     kimg: int
     sigma_rel: float
+    nimg: int | None = None
+
+    @property
+    def t(self) -> float:
+        """The snapshot's time in kimg, exact when known: the profile's end for the reconstruction."""
+        return self.nimg / 1000 if self.nimg is not None else float(self.kimg)
 
 
 def find_snapshots(indir, prefix: str = SNAPSHOT_PREFIX) -> list[Snapshot]:
@@ -237,51 +250,60 @@ def find_snapshots(indir, prefix: str = SNAPSHOT_PREFIX) -> list[Snapshot]:
     for path in indir.iterdir():
         parsed = parse_snapshot_name(path.name)
         if parsed is not None and parsed[0] == prefix and path.is_file():
-            found.append(Snapshot(path, parsed[1], parsed[2]))
+            nimg = parsed[3] if parsed[3] is not None else checkpoint.recorded_images(path)
+            found.append(Snapshot(path, parsed[1], parsed[2], nimg))
     if not found:
         raise ValueError(f"no power-function EMA snapshots ({snapshot_name(0, 0.05, prefix).replace('000000', 'NNNNNN')} "
                          f"...) in {indir}; a run writes them when it tracks power-function EMA profiles")
-    return sorted(found, key=lambda s: (s.kimg, s.sigma_rel))
+    return sorted(found, key=lambda s: (s.t, s.sigma_rel))
 
 
 @dataclasses.dataclass(frozen=True)
 class Reconstruction:
-    """What to combine: the snapshots used, the output time and profiles, the weights and each output's fit."""
+    """What to combine: the snapshots used, the output time (its kimg, and exactly) and profiles, the weights and each
+    output's fit."""
 
     snapshots: list[Snapshot]
     kimg: int
     sigma_rel: list[float]
     weights: np.ndarray  # [snapshots, outputs], float64
     residual: np.ndarray  # [outputs]: || fitted profile - wanted profile || / || wanted profile ||
+    t: float = 0.0  # the output time in kimg, exact when the snapshots' times are
 
     def provenance(self, j: int) -> dict:
         """What an output snapshot records of its making."""
-        return {"phema": {"sigma_rel": self.sigma_rel[j], "kimg": self.kimg, "relative_residual": float(self.residual[j]),
-                          "inputs": [s.path.name for s in self.snapshots]}}
+        return {"phema": {"sigma_rel": self.sigma_rel[j], "kimg": self.kimg, "t_kimg": self.t,
+                          "relative_residual": float(self.residual[j]), "inputs": [s.path.name for s in self.snapshots]}}
 
 
-def output_kimg(snapshots: Sequence[Snapshot], kimg: int | None = None) -> int:
-    """The reconstruction's time: `kimg` when a snapshot has it, the latest snapshot's when None."""
-    times = sorted({s.kimg for s in snapshots if s.kimg > 0})
-    if not times:
-        raise ValueError("every snapshot is at kimg 0, before any training; reconstruct from a run that trained longer")
+def output_time(snapshots: Sequence[Snapshot], kimg: int | None = None) -> tuple[int, float]:
+    """(kimg, exact time in kimg) of the reconstruction: the latest snapshot's, or the latest one at `kimg`."""
+    timed = [s for s in snapshots if s.t > 0]
+    if not timed:
+        raise ValueError("every snapshot is at time 0, before any training; reconstruct from a run that trained longer")
     if kimg is None:
-        return times[-1]
-    if kimg not in times:
+        latest = max(timed, key=lambda s: s.t)
+        return latest.kimg, latest.t
+    at = [s.t for s in timed if s.kimg == kimg]
+    if not at:
+        times = sorted({s.kimg for s in timed})
         near = min(times, key=lambda k: abs(k - kimg))
         raise ValueError(f"--outkimg={kimg}: no snapshot at that time (the nearest is {near}; there are {len(times)} "
                          f"from {times[0]} to {times[-1]}); choose one of the snapshot times")
-    return kimg
+    return kimg, max(at)
 
 
 def plan_reconstruction(snapshots: Sequence[Snapshot], sigma_rel: Sequence[float], kimg: int | None = None) -> Reconstruction:
-    """The weights of the snapshots up to `kimg` (default: the latest) that best give each wanted sigma_rel there."""
-    kimg = output_kimg(snapshots, kimg)
+    """The weights of the snapshots up to `kimg` (default: the latest) that best give each wanted sigma_rel there.
+
+    Times are exact where the snapshots record them (`Snapshot.t`): the kimg of a name is rounded down, which
+    misplaces every profile of a short run and so raises the fit's residual.
+    """
+    kimg, t = output_time(snapshots, kimg)
     wanted = [check_sigma_rel(s) for s in sigma_rel]
-    used = [s for s in snapshots if 0 < s.kimg <= kimg]  # t = 0 is no profile
-    weights, residual = solve_weights([s.kimg for s in used], [s.sigma_rel for s in used],
-                                      [kimg] * len(wanted), wanted)
-    return Reconstruction(list(used), kimg, wanted, weights, residual)
+    used = [s for s in snapshots if 0 < s.t <= t]  # t = 0 is no profile
+    weights, residual = solve_weights([s.t for s in used], [s.sigma_rel for s in used], [t] * len(wanted), wanted)
+    return Reconstruction(list(used), kimg, wanted, weights, residual, t)
 
 
 def _network_of(config: dict) -> dict:

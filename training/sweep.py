@@ -32,10 +32,11 @@ import numpy as np
 
 from dnnlib import util
 from training import evaluation, generation, metrics, phema
+from training.checkpoint.formats import KIMG_PATTERN
 from training.samplers import SamplerSettings
 
 FORMAT, VERSION = "pfgmpp-fid-sweep", 1
-CLASSIC_NAME = re.compile(r"network-snapshot-(?P<kimg>\d+)\.(?:pt|pkl|safetensors)")  # classic EMA (and EDM's pickles)
+CLASSIC_NAME = re.compile(rf"network-snapshot-{KIMG_PATTERN}\.(?:pt|pkl|safetensors)")  # classic EMA (and EDM's pickles)
 SEED_RANGE = re.compile(r"\d+-\d+")
 RECORD_KEYS = frozenset({"network", "seeds", "settings", "metrics", "results"})  # what reading a record needs
 PLOT_HINT = "pip install matplotlib (or pip install -e '.[plot]')"
@@ -59,7 +60,8 @@ class Snapshot:
 
 
 def snapshot_of(path: str) -> Snapshot:
-    """The Snapshot of a path: kimg and sigma_rel from `network-snapshot-NNNNNN[-S.SSS].pt` and `PREFIX-NNNNNN-S.SSS.pt`."""
+    """The Snapshot of a path: kimg and sigma_rel from `network-snapshot-NNNNNN[-S.SSS].pt`, `PREFIX-NNNNNN-S.SSS.pt`
+    and EDM2's `network-snapshot-NNNNNNN-S.SSS.pkl` (kimg also from `NNNNNN.III`, outputs under 1 kimg apart)."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
     parsed = phema.parse_snapshot_name(name)
     if parsed is not None:

@@ -240,6 +240,27 @@ def _to_json_lenient(value: dict) -> dict:
     return out
 
 
+def recorded_images(path) -> int | None:
+    """The images a snapshot of this program was trained on, from its provenance (read without its tensors), or None
+    (another program's file, or a snapshot that records no training time)."""
+    path = Path(path)
+    try:
+        if _is_safetensors(path):
+            from safetensors import safe_open  # noqa: PLC0415
+
+            with safe_open(str(path), framework="pt") as f:
+                config = json.loads((f.metadata() or {}).get("config", "{}"))
+        elif zipfile.is_zipfile(path):
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
+            config = json.loads(payload["config"]) if isinstance(payload, dict) and payload.get("format") == FORMAT else {}
+        else:
+            return None
+    except Exception:  # noqa: BLE001 (not ours, or damaged: the name's kimg is what there is)
+        return None
+    kimg = config.get("provenance", {}).get("kimg")
+    return None if not isinstance(kimg, (int, float)) else round(kimg * 1000)
+
+
 def load_network(path_or_url, device="cpu", entry: str | None = None) -> torch.nn.Module:
     """Rebuild and load a network from any supported file or URL (eval mode, no gradients)."""
     config, state_dict = read_checkpoint(path_or_url, entry)

@@ -5,6 +5,9 @@
      "net": state_dict, "ema": state_dict, "optimizer": Adam's state_dict[, "phema": {"sigma_rel": [...],
      "ema": [state_dict, ...]}]}
 
+`nimg` is also when the run last wrote its outputs (the state among them), which names its next ones
+(`formats.kimg_label`).
+
 `ema` is the network a reader of the state gets (`training.checkpoint.load_network` reads a state like a
 snapshot): the classic EMA, else the tracked power-function EMA of the largest sigma_rel. Version 2 holds the
 configuration keyed by train.py's option names; states of version 1 are refused with what to do instead.
@@ -20,15 +23,15 @@ from pathlib import Path
 import torch
 
 from dnnlib.util import atomic_write
-from training.checkpoint.formats import FORMAT, STATE_FORMAT, STATE_VERSION
+from training.checkpoint.formats import FORMAT, KIMG_PATTERN, STATE_FORMAT, STATE_VERSION, label_images
 from training.checkpoint.network import network_config
 
-STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
+STATE_PATTERN = re.compile(rf"^training-state-{KIMG_PATTERN}\.pt$")
 
 
-def state_name(kimg: int) -> str:
-    """'training-state-000123.pt': the training state at kimg = images // 1000."""
-    return f"training-state-{int(kimg):06d}.pt"
+def state_name(label: str) -> str:
+    """'training-state-000123.pt': the training state of a `formats.kimg_label`."""
+    return f"training-state-{label}.pt"
 
 
 def _cpu(state_dict: dict) -> dict:
@@ -82,8 +85,12 @@ def read_state(path) -> dict:
 
 def find_resume_state(run_dir) -> Path | None:
     """The newest training state in `run_dir` that loads; unreadable ones are skipped with a warning."""
-    found = sorted((int(m.group(1)), p) for p in Path(run_dir).glob("training-state-*.pt") if (m := STATE_PATTERN.match(p.name)))
-    for _, path in reversed(found):
+    found = []
+    for path in Path(run_dir).glob("training-state-*.pt"):
+        if (m := STATE_PATTERN.match(path.name)) is not None:
+            kimg, nimg = label_images(m["kimg"], m["rest"])
+            found.append(((kimg, -1 if nimg is None else nimg), path))  # the first of a kimg, then those beyond it
+    for _, path in sorted(found, reverse=True):
         try:
             read_state(path)
             return path

@@ -22,9 +22,11 @@ def picture(image_uint8: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(image_uint8[:, :, 0] if image_uint8.shape[2] == 1 else image_uint8, "L" if image_uint8.shape[2] == 1 else "RGB")
 
 
-def grid(images_uint8: np.ndarray, cols: int | None = None, pad: int = 1, pad_value: int = 128) -> PIL.Image.Image:
+def grid(images_uint8: np.ndarray, cols: int | None = None, pad: int = 1, pad_value: int = 128,
+         scale: int = 1) -> PIL.Image.Image:
     """Tile uint8 images [B, H, W, C] into one picture, `cols` across (default: a near-square grid),
-    separated by `pad` pixels of gray so that images filling their frame stay apart."""
+    separated by `pad` pixels of gray so that images filling their frame stay apart; `scale` enlarges the whole
+    picture by pixel repetition (every `scale`-th pixel of it is the picture at scale 1)."""
     count, h, w, c = images_uint8.shape
     cols = cols or math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
@@ -33,7 +35,14 @@ def grid(images_uint8: np.ndarray, cols: int | None = None, pad: int = 1, pad_va
         r, q = divmod(i, cols)
         top, left = r * (h + pad), q * (w + pad)
         canvas[top : top + h, left : left + w] = images_uint8[i]
+    if scale > 1:
+        canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
     return picture(canvas)
+
+
+def view_scale(resolution: int, tile: int = 64) -> int:
+    """The integer factor that shows images of `resolution` pixels at `tile` pixels or more (1 from `tile` up)."""
+    return max(1, tile // max(int(resolution), 1))
 
 
 def save_png(path: str | os.PathLike, picture: PIL.Image.Image) -> None:

@@ -25,6 +25,7 @@ from training.train.options import OPTIONS, RECIPES, objective, resumable, saved
 
 # What the configuration derives from the options, checked on resume like the options that define the model.
 DERIVED = ("D", "network_kwargs", "precond_kwargs", "loss_kwargs")
+LSUN_SIGMA_SCALE = 380 / 80  # the PFGM++ reference's --lsun: sigma_max 380 instead of 80 for LSUN 256x256
 
 
 def recipe_defaults(arch: str) -> dict:
@@ -55,7 +56,7 @@ def _resolve(given: dict, world_size: int) -> EasyDict:
 
 def training_config(*, world_size: int = 1, **given) -> EasyDict:
     """The configuration of a run from train.py's options by name (module docstring); ValueError naming the flag."""
-    o = _resolve(given, world_size)
+    o = _resolve(_reference_flags(dict(given)), world_size)
     check_needs(OPTIONS, o)
     o.ema_std = phema_profiles(o.ema_std)
     o.metrics = _metric_names(o.metrics)
@@ -86,6 +87,19 @@ def training_config(*, world_size: int = 1, **given) -> EasyDict:
     o.update(loss=o.loss or precond.default_loss, D=D, network_kwargs=network_kwargs, precond_kwargs=precond_kwargs,
              loss_kwargs=loss_kwargs)
     return o
+
+
+def _reference_flags(given: dict) -> dict:
+    """The PFGM++ reference's --lsun, as the option it stands for (--sigma_scale=4.75, PFGM++ runs only, as there)."""
+    if given.pop("lsun", False):
+        if not given.get("pfgmpp"):
+            raise ValueError("--lsun has no effect without --pfgmpp=1 (the reference scales sigma for PFGM++ only); add "
+                             "--pfgmpp=1, or --sigma_scale=4.75 to scale a diffusion model's sigma")
+        if given.get("sigma_scale") not in (None, 1.0, LSUN_SIGMA_SCALE):
+            raise ValueError(f"--lsun=1 is --sigma_scale={LSUN_SIGMA_SCALE:g}, but --sigma_scale={given['sigma_scale']:g} "
+                             "was given too; give one of them")
+        given["sigma_scale"] = LSUN_SIGMA_SCALE
+    return given
 
 
 def phema_profiles(value: str | Sequence[float]) -> list[float]:

@@ -1,6 +1,6 @@
 """The averages of a training run: EDM's classic EMA (a half-life in images) and EDM2's power-function EMAs.
 
-`Averages.update(net, nimg)` folds the network in after every optimizer step; `snapshots(kimg)` names every
+`Averages.update(net, nimg)` folds the network in after every optimizer step; `snapshots(label)` names every
 tracked average for a snapshot; `reader` is the network of the sample grids and of a training state's readers.
 """
 
@@ -50,11 +50,12 @@ class Averages:
         power-function EMA of the largest sigma_rel."""
         return self.classic if self.classic is not None else self.phema.items()[-1][1]
 
-    def snapshots(self, kimg: int) -> list[tuple[str, float | None, torch.nn.Module]]:
-        """(snapshot file name, sigma_rel or None for the classic EMA, network) of every tracked average at `kimg`."""
-        found = [] if self.classic is None else [(phema.snapshot_name(kimg), None, self.classic)]
+    def snapshots(self, label: str) -> list[tuple[str, float | None, torch.nn.Module]]:
+        """(snapshot file name, sigma_rel or None for the classic EMA, network) of every tracked average, for a tick's
+        `checkpoint.formats.kimg_label` ('000123', or '000123.456' under 1 kimg after the previous outputs)."""
+        found = [] if self.classic is None else [(phema.snapshot_name(label), None, self.classic)]
         if self.phema is not None:
-            found += [(phema.snapshot_name(kimg, s), s, module) for s, module in self.phema.items()]
+            found += [(phema.snapshot_name(label, s), s, module) for s, module in self.phema.items()]
         return found
 
     def provenance(self, sigma_rel: float | None) -> dict:

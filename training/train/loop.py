@@ -9,6 +9,7 @@ state at step s repeats the uninterrupted run bitwise on the same hardware.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from dnnlib import util
 from torch_utils import distributed
 from training import checkpoint
+from training.checkpoint.formats import kimg_label
 from training.train import data, setup, snapshot
 from training.train.ema import Averages
 from training.train.report import Reporter
@@ -45,6 +47,7 @@ def training_loop(c: dict, run_dir: str | os.PathLike, dataset, loss_fn, augment
     opt = optimizer(c, net, device)
     ddp = setup.distributed_model(net, c, device)
     step, nimg, tick = 0, 0, 0
+    written = None  # the images seen when the run last wrote outputs: they name the next ones (`kimg_label`)
 
     # Resume.
     if resume is not None:
@@ -53,6 +56,7 @@ def training_loop(c: dict, run_dir: str | os.PathLike, dataset, loss_fn, augment
         averages.load(state["ema"], state.get("phema"), str(resume))
         opt.load_state_dict(state["optimizer"])
         step, nimg = int(state["step"]), int(state["nimg"])
+        written = nimg  # the state is one of that tick's outputs
         tick = distributed.broadcast_object(setup.rewind_stats(run_dir, step) if distributed.is_main() else None)
         if distributed.is_main():
             log.info(f"resumed from {resume} at kimg {nimg / 1000:.3f} (step {step})")
@@ -69,7 +73,8 @@ def training_loop(c: dict, run_dir: str | os.PathLike, dataset, loss_fn, augment
     vote = StopVote(flag, device)
     # A collective that fails because a rank died or hangs becomes an error naming that rank (after StopFlag has
     # given SIGTERM back, so torchrun can stop this process while it reports).
-    with distributed.diagnose_failures(lambda: f"at step {step}", lambda: flag.signal is None), flag:
+    with distributed.diagnose_failures(lambda: f"at step {step}", lambda: flag.signal is None), flag, \
+            contextlib.closing(reporter):
         while True:
             done = nimg >= total_nimg
             stop = not done and vote(step)
@@ -82,16 +87,19 @@ def training_loop(c: dict, run_dir: str | os.PathLike, dataset, loss_fn, augment
 
                 # Snapshot: the averages and a sample grid, a training state every --dump ticks, the metrics.
                 snap = done or bool(c["snap"] and tick % c["snap"] == 0)
+                dump = done or stop or bool(c["dump"] and tick % c["dump"] == 0)
+                label = kimg_label(nimg, written)  # this tick's outputs' name: never one an earlier output has
                 if distributed.is_main():
                     if snap:
-                        snapshot.save_snapshots(c, run_dir, averages, dataset, step, nimg, device)
-                    if done or stop or (c["dump"] and tick % c["dump"] == 0):
-                        path = _save_state(c, run_dir, net, averages, opt, step, nimg)
+                        snapshot.save_snapshots(c, run_dir, averages, dataset, step, nimg, label, device)
+                    if dump:
+                        path = _save_state(c, run_dir, net, averages, opt, step, nimg, label)
                         if stop:
                             log.info(f"received signal {flag.signal}: wrote {path.name}; resume with --resume=auto")
+                written = nimg if snap or dump else written
                 distributed.barrier()
                 if snap and metrics_setup is not None:
-                    snapshot.evaluate_metrics(c, run_dir, averages, metrics_setup, step, nimg, device, log)
+                    snapshot.evaluate_metrics(c, run_dir, averages, metrics_setup, step, nimg, label, device, log)
 
                 # Stop.
                 if done or stop:
@@ -111,9 +119,9 @@ def training_loop(c: dict, run_dir: str | os.PathLike, dataset, loss_fn, augment
     return last
 
 
-def _save_state(c: dict, run_dir: Path, net, averages: Averages, opt, step: int, nimg: int) -> Path:
-    """Rank 0: write training-state-NNNNNN.pt; the previous states stay intact on failure."""
-    path = run_dir / checkpoint.state_name(nimg // 1000)
+def _save_state(c: dict, run_dir: Path, net, averages: Averages, opt, step: int, nimg: int, label: str) -> Path:
+    """Rank 0: write training-state-LABEL.pt; the previous states stay intact on failure."""
+    path = run_dir / checkpoint.state_name(label)
     try:
         checkpoint.write_state(path, net=net, ema=averages.reader, optimizer=opt, step=step, nimg=nimg, config=c,
                                phema=averages.phema_state())

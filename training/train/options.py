@@ -71,6 +71,8 @@ OPTIONS: dict[str, Option] = table([
     _objective("P_std", "float", "Std of ln sigma in training [default: 1.2; edm2: 1.6]", **_POSITIVE),
     _objective("sigma_scale", "float", "Scale training sigma (LSUN 256^2 in PFGM++: 380/80 = 4.75)", default=1.0,
                **_POSITIVE),
+    Option("lsun", "bool", "The PFGM++ reference's LSUN 256x256 setting: --sigma_scale=4.75 (380/80)", default=False,
+           saved=False),
     _objective("stf", "bool", "Stable target field", default=False),
     Option("rbatch", "int", "Reference batch of --stf and --precond=pfgm", default=4096, low=1),
     _pfgm("pfgm_M", "perturbation range m in (0, M) [default: derived from the data]", **_POSITIVE),
@@ -118,11 +120,15 @@ OPTIONS: dict[str, Option] = table([
            default=600.0, low=1, resume=True),
     # What it reports and writes, and when.
     Option("desc", "str", "String to add to the run directory name", metavar="STR", saved=False),
+    Option("name", "str", "The run directory is --outdir/NAME, no number (the PFGM++ reference's --name)", metavar="NAME",
+           saved=False),
     Option("nosubdir", "flag", "Use --outdir itself as the run directory", default=False, saved=False),
     Option("tick", "float", "How often to print progress", metavar="KIMG", default=50.0, resume=True, **_POSITIVE),
     Option("snap", "int", "How often to save snapshots", metavar="TICKS", default=50, low=1, resume=True),
     Option("dump", "int", "How often to dump training state", metavar="TICKS", default=500, low=1, resume=True),
     Option("grid", "int", "Samples in the grid at each snapshot (0: none)", default=64, low=0, resume=True),
+    Option("wandb", "str", "Also log each tick to Weights & Biases, in this project (pip install wandb; "
+           "WANDB_MODE=offline logs without a network)", metavar="PROJECT", resume=True),
     Option("metrics", "str", "Evaluate each snapshot's networks: " + ", ".join(metrics.METRICS) +
            " (comma-separated) [default: none]", metavar="LIST", resume=True),
     Option("metrics_ref", "str", "Reference statistics of --metrics (npz path or URL), or a dataset folder/ZIP",

@@ -25,25 +25,27 @@ def provenance(c: dict, run_dir: Path, step: int, nimg: int) -> dict:
             "training_options": "training_options.json"}
 
 
-def save_snapshots(c: dict, run_dir: Path, averages: Averages, dataset, step: int, nimg: int, device) -> None:
-    """Rank 0: every tracked average in the safe format, and a grid of --grid samples from `averages.reader`."""
-    kimg = nimg // 1000
+def save_snapshots(c: dict, run_dir: Path, averages: Averages, dataset, step: int, nimg: int, label: str,
+                   device) -> None:
+    """Rank 0: every tracked average in the safe format, and a grid of --grid samples from `averages.reader`, named by
+    the tick's `checkpoint.formats.kimg_label`."""
     origin = provenance(c, run_dir, step, nimg)
-    for name, sigma_rel, module in averages.snapshots(kimg):
+    for name, sigma_rel, module in averages.snapshots(label):
         checkpoint.save_network(run_dir / name, module, {**origin, "ema": averages.provenance(sigma_rel)})
     if c["grid"] > 0:
-        images.save_png(run_dir / f"samples-{kimg:06d}.png", sample_grid(averages.reader, c["grid"], dataset.label_dim, device))
+        images.save_png(run_dir / f"samples-{label}.png", sample_grid(averages.reader, c["grid"], dataset.label_dim, device))
 
 
 def sample_grid(net, count: int, label_dim: int, device):
-    """A grid of `count` samples of seeds 0..count-1 (Heun, GRID_STEPS steps), classes in turn when conditional."""
+    """A grid of `count` samples of seeds 0..count-1 (Heun, GRID_STEPS steps), classes in turn when conditional,
+    enlarged so that small images show at 64 pixels or more (16x16 digits four times: `images.view_scale`)."""
     generators = [torch.Generator(device).manual_seed(s) for s in range(count)]
     labels = None
     if label_dim:
         labels = torch.eye(label_dim, device=device)[torch.arange(count) % label_dim]
     settings = samplers.SamplerSettings("heun", dict(num_steps=GRID_STEPS))
     x = settings.sample(net, settings.prior_latents(net, generators), labels)
-    return images.grid(images.to_uint8(x).cpu().numpy())
+    return images.grid(images.to_uint8(x).cpu().numpy(), scale=images.view_scale(net.img_resolution))
 
 
 def open_metrics(c: dict, device):
@@ -52,13 +54,13 @@ def open_metrics(c: dict, device):
                                  min(c["workers"], distributed.default_workers(3)), progress=distributed.is_main())
 
 
-def evaluate_metrics(c: dict, run_dir: Path, averages: Averages, setup, step: int, nimg: int, device,
+def evaluate_metrics(c: dict, run_dir: Path, averages: Averages, setup, step: int, nimg: int, label: str, device,
                      log: logging.Logger) -> None:
     """Every rank, while training waits: --metrics of each tracked average, exactly as `fid.py gen` with its defaults
     scores the snapshot (seeds 0..metrics_num-1); rank 0 appends a line per network and metric to metric-<name>.jsonl."""
     detector, reference = setup
     precision = c["precision"] if c["precision"] in SAMPLING_PRECISIONS else "tf32"
-    for name, sigma_rel, module in averages.snapshots(nimg // 1000):
+    for name, sigma_rel, module in averages.snapshots(label):
         score = evaluation.score(module, range(c["metrics_num"]), c["metrics"], reference, detector, device,
                                  samplers.SamplerSettings(), METRICS_BATCH, precision=precision)
         if not distributed.is_main():

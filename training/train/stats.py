@@ -23,9 +23,11 @@ def bucket_names(edges=SIGMA_EDGES) -> list[str]:
 
 
 class TickStats:
-    """Sums of loss (overall and per sigma bucket), gradient norm, non-finite steps and steps."""
+    """Sums of loss (overall and per sigma bucket), gradient norm, non-finite steps and steps; and the moments of the
+    loss's elements, from which EDM's 'Loss/loss' {num, mean, std} is read."""
 
-    _SCALARS = ("loss_sum", "loss_count", "grad_norm_sum", "nonfinite_steps", "steps")
+    _SCALARS = ("loss_sum", "loss_count", "grad_norm_sum", "nonfinite_steps", "steps", "elements", "element_sum",
+                "element_sum_sq")
 
     def __init__(self, device, edges=SIGMA_EDGES):
         self.edges = torch.tensor(edges, dtype=torch.float32, device=device)
@@ -35,12 +37,16 @@ class TickStats:
         self._buckets = slice(len(self._SCALARS), len(self._SCALARS) + k)
         self._counts = slice(len(self._SCALARS) + k, len(self._SCALARS) + 2 * k)
 
-    def add_loss(self, loss_per_sample: torch.Tensor, sigma: torch.Tensor) -> None:
-        """Record per-sample losses [B] at their noise levels [B]."""
-        loss = loss_per_sample.detach().to(torch.float64).reshape(-1)
+    def add_loss(self, loss: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Record a loss [B, ...] (per element; [B]: one value per sample) at its samples' noise levels [B]."""
+        elements = loss.detach().to(torch.float64)
+        loss = elements.flatten(1).mean(dim=1) if elements.ndim > 1 else elements.reshape(-1)
         bucket = torch.bucketize(sigma.detach().reshape(-1).to(torch.float32), self.edges, right=True)
         self.values[0] += loss.sum()
         self.values[1] += loss.numel()
+        self.values[5] += elements.numel()
+        self.values[6] += elements.sum()
+        self.values[7] += elements.square().sum()
         self.values[self._buckets].index_add_(0, bucket, loss)
         self.values[self._counts].index_add_(0, bucket, torch.ones_like(loss))
 
@@ -55,7 +61,7 @@ class TickStats:
         """Sum over ranks, copy to the host, reset; returns means ('nan' where nothing was seen)."""
         values = distributed.all_reduce_sum(self.values.clone()).cpu().tolist()
         self.values.zero_()
-        loss_sum, loss_count, grad_sum, nonfinite, steps = values[: len(self._SCALARS)]
+        loss_sum, loss_count, grad_sum, nonfinite, steps, elements, element_sum, element_sq = values[: len(self._SCALARS)]
         sums, counts = values[self._buckets], values[self._counts]
         world = distributed.get_world_size()
         finite_steps = steps - nonfinite
@@ -65,4 +71,14 @@ class TickStats:
             "grad_norm": grad_sum / finite_steps if finite_steps else math.nan,
             "nonfinite_grad_steps": int(round(nonfinite / world)),
             "steps": int(round(steps / world)),
+            "loss_elements": {"num": int(elements), **moments(elements, element_sum, element_sq)},
         }
+
+
+def moments(count: float, total: float, squares: float) -> dict:
+    """{'mean', 'std'} of `count` values from their sum and sum of squares ('nan' where there are none), as EDM's
+    statistics collector reports them (the population standard deviation)."""
+    if not count:
+        return {"mean": math.nan, "std": math.nan}
+    mean = total / count
+    return {"mean": mean, "std": math.sqrt(max(squares / count - mean * mean, 0.0))}

@@ -83,7 +83,7 @@ class TrainStep:
                     rng.network_draws(self.dropout):
                 loss = self.loss_fn(self.ddp, images, labels, augment_pipe=augment, draws=tuple(d[rows] for d in draws),
                                     reference=reference)
-            self.stats.add_loss(loss.detach().flatten(1).mean(dim=1), sigma[rows])
+            self.stats.add_loss(loss.detach(), sigma[rows])
             loss.sum().mul(c["ls"] / self.batch_rank).backward()
         self._update(nimg)
 
