@@ -245,7 +245,8 @@ def test_killed_worker_is_restarted_and_the_run_resumes_exactly(data, reference,
                           MAX_RESTARTS="1", SCRIPT=FAULTS, PFGMPP_FAULT="die-at-step:5:1")
     assert code == 0, output
     assert "FAULT rank 1: die-at-step at step 5" in output and "EXIT rank 1 attempt 0" not in output
-    assert re.search(r"resumed from \S+training-state-000000\.pt at kimg 0\.040 \(step 5\)", output), output
+    # Ticks of one step (8 images): every state after the first carries its images, 000000.040 at step 5.
+    assert re.search(r"resumed from \S+training-state-000000\.040\.pt at kimg 0\.040 \(step 5\)", output), output
     assert "EXIT rank 0 attempt 1 code 0" in output and "EXIT rank 1 attempt 1 code 0" in output
     (run_dir,) = outdir.iterdir()  # the restart found its run directory
     assert_same_training(run_dir, reference)
@@ -259,7 +260,7 @@ def test_kill_during_a_state_write_never_resumes_the_partial_file(data, referenc
     assert code == 0, output
     assert "FAULT rank 0: killed while writing" in output
     assert re.search(r"resumed from \S+ at kimg 0\.016 \(step 2\)", output), output
-    assert re.search(r"removed \.tmp-training-state-000000\.pt\.\S+, left by a writer that was killed", output), output
+    assert re.search(r"removed \.tmp-training-state-000000\.024\.pt\.\S+, left by a writer that was killed", output), output
     assert not list(tmp_path.glob(".tmp-*"))
     assert_same_training(tmp_path, reference)
 
@@ -303,7 +304,7 @@ def test_sigterm_to_the_job_saves_a_state_and_every_rank_exits_cleanly(data, ref
     assert "FAULT rank 0: sigterm-job-at-step at step 3" in output, output
     assert "EXIT rank 0 attempt 0 code 0" in output and "EXIT rank 1 attempt 0 code 0" in output, output
     assert code == 0, output  # the launcher too: every worker stopped cleanly
-    assert "received signal 15: wrote training-state-000000.pt" in output and "attempt 1" not in output
+    assert "received signal 15: wrote training-state-000000.128.pt" in output and "attempt 1" not in output
     assert final_state(tmp_path)["step"] == 16
     code, output = launch(train_args(data, tmp_path), NPROC_PER_NODE="2")
     assert code == 0 and "(step 16)" in output, output
