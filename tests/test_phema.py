@@ -169,25 +169,32 @@ def test_weights_equal_edm2s_solve():
 STEPS, EVERY, TRACKED, UNTRACKED = 160, 5, (0.05, 0.10), (0.07, 0.15)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A folder of snapshots of TRACKED every EVERY steps, and the EMAs of UNTRACKED tracked directly beside them."""
-    folder = tmp_path_factory.mktemp("run")
+def snapshot_walk(folder, steps: int = STEPS, images: int = 1000, provenance: bool = False):
+    """Snapshots of TRACKED every EVERY steps of `images` images each of a tiny network following a random walk (with
+    their exact kimg in the provenance when `provenance`); the EMAs of UNTRACKED tracked directly beside them."""
     torch.manual_seed(0)
     net = tiny_network()
     tracked, untracked = phema.PowerFunctionEMA(net, TRACKED), phema.PowerFunctionEMA(net, UNTRACKED)
     generator = torch.Generator().manual_seed(5)
     drift = [torch.randn(p.shape, generator=generator) for p in net.parameters()]
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         with torch.no_grad():
             for p, d in zip(net.parameters(), drift):
                 p.add_(0.01 * (d + torch.randn(p.shape, generator=generator)))
-        tracked.update(net, step * 1000, 1000)
-        untracked.update(net, step * 1000, 1000)
+        tracked.update(net, step * images, images)
+        untracked.update(net, step * images, images)
         if step % EVERY == 0:
             for sigma_rel, ema in tracked.items():
-                checkpoint.save_network(folder / phema.snapshot_name(step, sigma_rel), ema)
-    return folder, untracked, net
+                origin = {"kimg": step * images / 1000} if provenance else None
+                checkpoint.save_network(folder / phema.snapshot_name(step * images // 1000, sigma_rel), ema, origin)
+    return untracked, net
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """`snapshot_walk` in a folder: the snapshots, and the directly tracked EMAs of UNTRACKED."""
+    folder = tmp_path_factory.mktemp("run")
+    return (folder, *snapshot_walk(folder))
 
 
 def flat(module_or_state) -> torch.Tensor:
@@ -302,26 +309,6 @@ def test_sigma_rel_lists():
 # ------------------------------------------------------------------------------------------------
 # Exact training times: steps of 1536 images, so a name's kimg (images // 1000) is rounded down.
 
-def _odd_run(folder, provenance: bool):
-    """The random walk of `run` in steps of 1536 images; snapshots record their exact kimg when `provenance`."""
-    torch.manual_seed(0)
-    net = tiny_network()
-    tracked, untracked = phema.PowerFunctionEMA(net, TRACKED), phema.PowerFunctionEMA(net, UNTRACKED)
-    generator = torch.Generator().manual_seed(5)
-    drift = [torch.randn(p.shape, generator=generator) for p in net.parameters()]
-    for step in range(1, 81):
-        with torch.no_grad():
-            for p, d in zip(net.parameters(), drift):
-                p.add_(0.01 * (d + torch.randn(p.shape, generator=generator)))
-        tracked.update(net, step * 1536, 1536)
-        untracked.update(net, step * 1536, 1536)
-        if step % EVERY == 0:
-            for sigma_rel, ema in tracked.items():
-                origin = {"kimg": step * 1536 / 1000} if provenance else None
-                checkpoint.save_network(folder / phema.snapshot_name(step * 1536 // 1000, sigma_rel), ema, origin)
-    return untracked, net
-
-
 def test_the_reconstruction_uses_each_snapshots_exact_time(tmp_path):
     """Names round 1536 images per step down to kimg; the provenance's exact times keep the untracked profiles
     accurate, the names' alone do not. Measured (16 snapshot times, error relative to |ema - raw|): exact times
@@ -330,7 +317,7 @@ def test_the_reconstruction_uses_each_snapshots_exact_time(tmp_path):
     for provenance in (True, False):
         folder = tmp_path / str(provenance)
         folder.mkdir()
-        untracked, net = _odd_run(folder, provenance)
+        untracked, net = snapshot_walk(folder, steps=80, images=1536, provenance=provenance)
         snapshots = phema.find_snapshots(folder)
         assert all((s.nimg == round(s.t * 1000) and s.nimg % 1536 == 0) if provenance else s.nimg is None for s in snapshots)
         plan, nets = reconstructed(folder, list(UNTRACKED))
