@@ -37,9 +37,9 @@ from dnnlib import util
 from torch_utils import distributed
 from torch_utils.precision import configure as configure_precision
 from training import generation
-from training.generation import images, reference
 from training.cli import user_errors
 from training.cli.sampler import SeedList, sampler_options, settings_from_options
+from training.generation import images, reference
 from training.pfgmpp import format_D
 from training.samplers.guidance import Guided
 
@@ -183,7 +183,7 @@ def _run_directory(outdir, seeds, class_idx, batch_size, overwrite, opts, ckpt, 
         if save_images:
             target = Path(outdir) / f"ode_images_{kimg}.png"
             with user_errors():
-                distributed.main_only(lambda: util.check_output(target, "--save_images", overwrite))
+                distributed.main_only(lambda target=target: util.check_output(target, "--save_images", overwrite))
                 tiles = _generate(net, seeds[:batch_size], batch_size, device, settings, class_idx, opts["precision"],
                                   None, False, target)
             tiles = distributed.assemble(tiles, range(len(tiles)), len(tiles))
@@ -197,7 +197,7 @@ def _run_directory(outdir, seeds, class_idx, batch_size, overwrite, opts, ckpt, 
             continue
         distributed.print0(f"{path.name}: {len(seeds)} images into {folder}")
         with user_errors():
-            distributed.main_only(lambda: check_outputs(folder, None, [], True))
+            distributed.main_only(lambda folder=folder: check_outputs(folder, None, [], True))
             _generate(net, seeds, batch_size, device, settings, class_idx, opts["precision"], folder, True, None)
     distributed.print0("done")
     distributed.shutdown()
@@ -219,8 +219,8 @@ def _floats(text: str | None) -> list[float] | None:
 def _latent_mode(net, device, settings, class_idx, seeds, batch_size, grid, outdir, encode, latent_format,
                  interpolate, frames, temperature, overwrite) -> None:
     """--encode, --interpolate or --temperature (training/latents.py); grids are written by rank 0."""
-    from training.generation import latents
     from training.datasets import ImageFolderDataset
+    from training.generation import latents
 
     if encode:
         dataset = ImageFolderDataset(encode, use_labels=bool(net.label_dim))

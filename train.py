@@ -24,6 +24,7 @@ from training.cli.options import click_options
 from training.train import config
 from training.train.options import OPTIONS
 
+
 def _run_dir(outdir: Path, desc: str, nosubdir: bool, resume: str | None, name: str | None = None) -> Path:
     """outdir itself (--nosubdir), outdir/NAME (--name), the newest run of this description (--resume=auto), or a new
     NNNNN-desc."""

@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench.bench_draws import per_rank_costs  # noqa: E402
-from bench.bench_networks import measure_preset  # noqa: E402
 from bench.bench_generate import cifar_network, time_features, time_generation  # noqa: E402
+from bench.bench_networks import measure_preset  # noqa: E402
 from bench.bench_perturbation import device_name, time_cases  # noqa: E402
 from bench.bench_training import PEAKS  # noqa: E402
 from training.pfgmpp import sample_perturbation  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.bench_perturbation import resolve_device, device_name  # noqa: E402
+from bench.bench_perturbation import device_name, resolve_device  # noqa: E402
 from torch_utils import rng  # noqa: E402
 from training import losses, networks, preconditioners  # noqa: E402
 from training.generation import likelihood  # noqa: E402

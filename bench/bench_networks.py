@@ -33,7 +33,7 @@ from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.bench_perturbation import resolve_device, device_name, time_cases  # noqa: E402
+from bench.bench_perturbation import device_name, resolve_device, time_cases  # noqa: E402
 from torch_utils import rng  # noqa: E402
 from training.networks import build_network  # noqa: E402
 

@@ -6,7 +6,6 @@ import os
 import zipfile
 
 import numpy as np
-
 import pytest
 import torch
 from click.testing import CliRunner

@@ -24,8 +24,8 @@ from tests.detector_fixtures import write_detector
 from tests.helpers import ROOT, make_dataset, run_train, subprocess_env, tiny_network
 from tests.test_edm2_precond import edm2_net, write_edm2_snapshot
 from training import checkpoint, phema, sweep
-from training.datasets import ImageFolderDataset
 from training.cli.plot import main as plot_main
+from training.datasets import ImageFolderDataset
 from training.generation import images
 from training.train import config
 from training.train.report import strict

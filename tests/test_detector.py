@@ -23,8 +23,8 @@ import torch
 from dnnlib import util
 from tests import edm_fixtures as fx
 from tests.detector_fixtures import StandIn, script_bytes
-from training.metrics import detector as det
 from training.checkpoint import legacy
+from training.metrics import detector as det
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 

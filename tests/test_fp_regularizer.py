@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 
 import train
-from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import make_dataset, run_train
+from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from torch_utils import rng
 from training import divergence, losses
 from training.losses import fp_regularizer

@@ -18,7 +18,6 @@ from torch_utils import distributed, rng
 from training import checkpoint, generation, samplers
 
 
-
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
     path = tmp_path_factory.mktemp("net") / "net.pt"

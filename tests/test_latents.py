@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import snapshot_and_dataset, tiny_network
+from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from torch_utils import rng
 from training import pfgmpp, samplers
 from training.generation import latents

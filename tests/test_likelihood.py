@@ -22,11 +22,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import ROOT, free_port, make_dataset, snapshot_and_dataset, subprocess_env
+from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from training import divergence, pfgmpp
-from training.generation import likelihood
 from training.cli import likelihood as likelihood_cli
+from training.generation import likelihood
 from training.samplers.levels import flow_range
 
 F64 = torch.float64

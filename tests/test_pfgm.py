@@ -12,8 +12,8 @@ import scipy.stats
 import torch
 from click.testing import CliRunner
 
-from tests.oracles import PoissonFieldModel
 from tests.helpers import make_dataset, run_train
+from tests.oracles import PoissonFieldModel
 from torch_utils import distributed, rng
 from training import checkpoint, pfgmpp, preconditioners, samplers
 from training.losses import pfgm

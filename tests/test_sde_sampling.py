@@ -9,8 +9,8 @@ import pytest
 import scipy.stats
 import torch
 
-from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from tests.helpers import make_dataset, run_train
+from tests.oracles import AnalyticDenoiser, GaussianDenoiser
 from torch_utils import rng
 from training import checkpoint, preconditioners
 from training.samplers import score_sde

@@ -14,11 +14,10 @@ import torch
 from click.testing import CliRunner
 
 import train
-from training import checkpoint
-
 from tests.helpers import ROOT, TINY, final_state, make_dataset, run_train, tiny_network
 from tests.helpers import assert_weights as _assert_weights
 from tests.helpers import subprocess_env as _env
+from training import checkpoint
 
 
 @pytest.fixture(scope="module")

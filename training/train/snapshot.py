@@ -11,8 +11,7 @@ import torch
 
 from torch_utils import distributed
 from training import checkpoint, evaluation, samplers
-from training.generation import images
-from training.generation import SAMPLING_PRECISIONS
+from training.generation import SAMPLING_PRECISIONS, images
 from training.train.ema import Averages
 
 GRID_STEPS = 18  # Heun steps of the sample grids (EDM's default)

@@ -18,8 +18,8 @@ import torch
 
 from torch_utils import precision, rng
 from torch_utils.rng import mixed_seed
-from training.train.stats import TickStats
 from training.train.data import model_inputs
+from training.train.stats import TickStats
 
 ADAM_BETA1, ADAM_EPS = 0.9, 1e-8
 # Purposes of the streams and generators of a step, in `mixed_seed(seed, step, ...)`.
