@@ -39,14 +39,15 @@ class TickStats:
 
     def add_loss(self, loss: torch.Tensor, sigma: torch.Tensor) -> None:
         """Record a loss [B, ...] (per element; [B]: one value per sample) at its samples' noise levels [B]."""
-        elements = loss.detach().to(torch.float64)
-        loss = elements.flatten(1).mean(dim=1) if elements.ndim > 1 else elements.reshape(-1)
+        elements = loss.detach()
+        per_sample = elements.flatten(1).mean(dim=1) if elements.ndim > 1 else elements.reshape(-1)
+        loss = per_sample.to(torch.float64)
         bucket = torch.bucketize(sigma.detach().reshape(-1).to(torch.float32), self.edges, right=True)
         self.values[0] += loss.sum()
         self.values[1] += loss.numel()
         self.values[5] += elements.numel()
-        self.values[6] += elements.sum()
-        self.values[7] += elements.square().sum()
+        self.values[6] += elements.sum(dtype=torch.float64)  # float64 sums, no float64 copy of the loss
+        self.values[7] += elements.square().sum(dtype=torch.float64)
         self.values[self._buckets].index_add_(0, bucket, loss)
         self.values[self._counts].index_add_(0, bucket, torch.ones_like(loss))
 
