@@ -65,9 +65,10 @@ def test_stats_jsonl_holds_edms_keys_as_edm_writes_them(data, tmp_path):
         for key, value in edm.items():
             assert type(line[key]) is type(value) and (not isinstance(value, dict) or set(line[key]) == set(value)), key
     # What an EDM user's script reads: the loss over the tick's loss elements (8 images of 3x8x8 per step, one step a
-    # tick), its mean equal to ours, the progress in kimg.
+    # tick), its mean equal to ours up to float32 rounding (ours averages per-sample means taken in the loss's dtype),
+    # the progress in kimg.
     assert [line["Loss/loss"]["num"] for line in ours] == [8 * 3 * 8 * 8] * 2
-    assert all(math.isclose(line["Loss/loss"]["mean"], line["loss"], rel_tol=1e-9) and line["Loss/loss"]["std"] > 0
+    assert all(math.isclose(line["Loss/loss"]["mean"], line["loss"], rel_tol=1e-6) and line["Loss/loss"]["std"] > 0
                for line in ours)
     assert [line["Progress/kimg"]["mean"] for line in ours] == [0.008, 0.016]
     assert [line["Progress/tick"]["mean"] for line in ours] == [0.0, 1.0]
