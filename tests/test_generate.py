@@ -166,14 +166,31 @@ def test_every_solver_generates_seeded_images(tmp_path, solver, options, D, prec
     assert _pngs(tmp_path / "a") == _pngs(tmp_path / "b") and len(_pngs(tmp_path / "a")) == 3
 
 
+@pytest.mark.parametrize("solver, options", [
+    ("dpmpp-2m", []), ("dpmpp-3m", []), ("unipc", ["--order=3"]),
+    ("restart", ["--restart_info={\"0\": [3, 1, 0.06, 0.3]}", "--S_noise=1.003"]),
+])  # fmt: skip
+def test_fast_solvers_give_the_same_pngs_in_any_batch(snapshot, tmp_path, solver, options):
+    """generate.py --solver=dpmpp-2m|dpmpp-3m|unipc|restart: seed s gives the same PNG with --batch 1 or 3."""
+    for batch in (1, 3):
+        result = run(["--network", snapshot, "--outdir", tmp_path / f"b{batch}", "--seeds=0-3", f"--batch={batch}",
+                      "--steps=6", f"--solver={solver}", *options])
+    expected = 6 if solver != "restart" else 2 * 6 - 1 + 2 * (3 - 1)
+    assert f"{solver}: {expected:g} network evaluations per batch" in result.output
+    assert _pngs(tmp_path / "b1") == _pngs(tmp_path / "b3") and len(_pngs(tmp_path / "b1")) == 4
+
+
 @pytest.mark.parametrize("args, message", [
     (["--solver=rk45", "--S_churn=1"], "--S_churn does not apply to --solver=rk45"),
     (["--solver=heun", "--snr=0.2"], "--snr does not apply to --solver=heun"),
     (["--solver=pc", "--steps=2"], "D = inf|D=inf|finite D|diffusion"),
     (["--solver=pfgm_euler"], "networks trained with --precond=pfgm"),
     (["--solver=pfgm_rk45", "--steps=5"], "--steps does not apply to --solver=pfgm_rk45; it reads --sigma_min, --sigma_max, --rtol"),
-    (["--solver=rk4"], r"Invalid value for '--solver': choose one of heun, euler, rk45, pc, pfgm_rk45, pfgm_euler, "
-                       r"pfgm_improved_euler; got 'rk4'"),
+    (["--solver=rk4"], r"Invalid value for '--solver': choose one of heun, euler, dpmpp-2m, dpmpp-3m, unipc, "
+                       r"restart, rk45, pc, pfgm_rk45, pfgm_euler, pfgm_improved_euler; got 'rk4'"),
+    (["--solver=restart", "--restart_info={bad"], "restart_info must be JSON"),
+    (["--solver=unipc", "--order=4"], "--order"),
+    (["--solver=dpmpp-2m", "--order=2"], "--order does not apply to --solver=dpmpp-2m"),
 ])
 def test_solver_option_mismatch_is_a_clear_error(snapshot, tmp_path, args, message):
     result = run(["--network", snapshot, "--outdir", tmp_path, "--seeds=0", *args], ok=False)

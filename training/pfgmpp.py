@@ -173,6 +173,32 @@ def sample_prior(
     return _noise(shape, sigma_max, D, generator, device, dtype)
 
 
+def transition_noise(noise: torch.Tensor, sigma_from, sigma_to, D, generator: rng.Generators = None) -> torch.Tensor:
+    """The increment that carries kernel noise at `sigma_from` to kernel noise at `sigma_to` > sigma_from, exactly.
+
+    The kernel is a Gaussian scale mixture, n = sigma * sqrt(D / (2 Y)) g with Y ~ Gamma(D / 2), so
+    n_sigma = sqrt(D / (2 Y)) W(sigma^2) with one Brownian motion W and one Y has the kernel as its law at every
+    sigma. Given n = `noise` at sigma_from, Y ~ Gamma((N + D) / 2, rate 1 + |n|^2 / (D sigma_from^2)) (its
+    posterior), and the increment is sqrt((sigma_to^2 - sigma_from^2) D / (2 Y)) g': n + increment then has the
+    kernel's law at sigma_to, for every D (D = inf: the Gaussian increment, Y's posterior being a point).
+    Returns float64, shaped like `noise`, on its device; the draws come from `generator` (one, or one per sample).
+    """
+    D = check_D(D)
+    batch, N = _batched("noise", noise)
+    low = _per_sample(sigma_from, batch, noise.ndim, noise.device)
+    high = _per_sample(sigma_to, batch, noise.ndim, noise.device)
+    if high.device.type == "cpu" and bool(torch.any(high <= low)):  # device values: no host sync
+        raise ValueError(f"sigma_to must exceed sigma_from, got {sigma_to} and {sigma_from}")
+    g = rng.randn(noise.shape, generator, device=noise.device, dtype=torch.float64)
+    variance = high.square() - low.square()
+    if not math.isinf(D):
+        sq = noise.reshape(batch, N).to(torch.float64).square().sum(dim=1)
+        log_y = _log_standard_gamma((N + D) / 2.0, batch, generator, noise.device)
+        log_y = log_y - torch.log1p(sq / (D * low.square()))
+        variance = variance * torch.exp(math.log(D / 2.0) - log_y)
+    return g.mul_(_view_per_sample(variance.sqrt(), noise.ndim))
+
+
 # ----------------------------------------------------------------------------------------------
 # Densities
 

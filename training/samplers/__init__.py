@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from torch_utils import rng
-from training.samplers import edm, pfgm, rk45, score_sde
+from training.samplers import dpm_solver, edm, pfgm, restart, rk45, score_sde, unipc
 from training.samplers.base import SampleInfo, Solver
 
 __all__ = ["SOLVERS", "SampleInfo", "SamplerSettings", "Solver", "UnknownOptions", "check_options", "get",
@@ -32,6 +32,10 @@ __all__ = ["SOLVERS", "SampleInfo", "SamplerSettings", "Solver", "UnknownOptions
 SOLVERS: dict[str, Solver] = {
     "heun": edm.HEUN,
     "euler": edm.EULER,
+    "dpmpp-2m": dpm_solver.DPMPP_2M,
+    "dpmpp-3m": dpm_solver.DPMPP_3M,
+    "unipc": unipc.UNIPC,
+    "restart": restart.RESTART,
     "rk45": rk45.RK45,
     "pc": score_sde.PC,
     "pfgm_rk45": pfgm.RK45,

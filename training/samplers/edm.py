@@ -25,7 +25,7 @@ from training.samplers.levels import DISCRETIZATIONS, check_choice, clamped_rang
 METHODS = ("euler", "heun")
 SCHEDULES = ("linear", "vp", "ve")
 SCALINGS = ("none", "vp")
-__all__ = ["DISCRETIZATIONS", "EULER", "HEUN", "METHODS", "SCALINGS", "SCHEDULES", "prior_latents", "sample"]
+__all__ = ["DISCRETIZATIONS", "EULER", "HEUN", "METHODS", "SCALINGS", "SCHEDULES", "integrate", "prior_latents", "sample"]
 
 # The options of `noise_levels`, which the prior draw shares with the sampler.
 LEVEL_OPTIONS = ("num_steps", "sigma_min", "sigma_max", "rho", "discretization", "epsilon_s", "C_1", "C_2", "M")
@@ -76,10 +76,12 @@ class _Step:
         return [self.hat[0]] + ([] if self.prime is None else [self.prime[0]])
 
 
-def _plan(net, funcs, sigma_steps, solver, alpha, S_churn, S_min, S_max) -> list[_Step]:
-    """Precompute every step of the sampler in float64 on the host."""
+def _plan(net, funcs, sigma_steps, solver, alpha, S_churn, S_min, S_max, to_zero=True) -> list[_Step]:
+    """Precompute every step of the sampler in float64 on the host (to sigma = 0 after the levels if `to_zero`)."""
     sigma, sigma_deriv, sigma_inv, s, s_deriv = funcs
-    t_steps = torch.cat([sigma_inv(sigma_steps), torch.zeros(1, dtype=torch.float64)])
+    t_steps = sigma_inv(sigma_steps)
+    if to_zero:
+        t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
     num = len(t_steps) - 1
 
     def point(t):
@@ -96,7 +98,7 @@ def _plan(net, funcs, sigma_steps, solver, alpha, S_churn, S_min, S_max) -> list
         if gamma > 0:
             t_hat = sigma_inv(torch.as_tensor(net.round_sigma(sigma(t_cur) * (1 + gamma)), dtype=torch.float64).cpu())
         h = float(t_next - t_hat)
-        second = solver == "heun" and i < num - 1
+        second = solver == "heun" and (i < num - 1 or not to_zero)  # the step to sigma = 0 is Euler's
         steps.append(_Step(
             hat=point(t_hat),
             prime=point(t_hat + alpha * h) if second else None,
@@ -142,17 +144,47 @@ def sample(
     sigma_next, x_next, denoised)` is called after every step. Defaults: EDM's deterministic Heun
     sampler, 18 steps, sigma in [0.002, 80], rho = 7.
     """
-    check_choice("solver", solver, METHODS)
     check_choice("schedule", schedule, SCHEDULES)
     check_choice("scaling", scaling, SCALINGS)
+    sigma_steps = noise_levels(net, num_steps, sigma_min, sigma_max, rho, discretization, epsilon_s, C_1, C_2, M)
+    lo, hi = clamped_range(net, discretization, sigma_min, sigma_max, epsilon_s)
+    funcs = _time_functions(schedule, scaling, lo, hi, epsilon_s)
+    return integrate(net, latents, sigma_steps, class_labels, generator, funcs=funcs, solver=solver, alpha=alpha,
+                     S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, callback=callback)
+
+
+def integrate(
+    net,
+    latents: torch.Tensor,
+    sigma_steps: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    generator: rng.Generators = None,
+    *,
+    to_zero: bool = True,
+    funcs: tuple | None = None,
+    solver: str = "heun",
+    alpha: float = 1.0,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = math.inf,
+    S_noise: float = 1.0,
+    callback: Callable | None = None,
+    after_step: Callable | None = None,
+) -> tuple[torch.Tensor, int]:
+    """EDM's steps through the levels `sigma_steps` (float64, host), then to sigma = 0 if `to_zero`: (x, evaluations).
+
+    `latents` are at sigma_steps[0]. `funcs` are the schedule's and scaling's time functions (default: sigma(t) = t,
+    no scaling); with `to_zero` False every step is second order and the result is x at the last level.
+    `after_step(i, x_next, denoised)` may replace x_next after step i (Restart's re-noising); `callback` as in `sample`.
+    """
+    check_choice("solver", solver, METHODS)
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     if S_churn < 0 or S_noise < 0:
         raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn} and {S_noise}")
-    sigma_steps = noise_levels(net, num_steps, sigma_min, sigma_max, rho, discretization, epsilon_s, C_1, C_2, M)
-    lo, hi = clamped_range(net, discretization, sigma_min, sigma_max, epsilon_s)
-    funcs = _time_functions(schedule, scaling, lo, hi, epsilon_s)
-    plan = _plan(net, funcs, sigma_steps, solver, alpha, S_churn, S_min, S_max)
+    if funcs is None:
+        funcs = _time_functions("linear", "none", None, None, None)
+    plan = _plan(net, funcs, sigma_steps, solver, alpha, S_churn, S_min, S_max, to_zero)
     # Every noise level the network sees, copied to the device once: no host-device sync per step.
     net_sigmas = torch.tensor([v for step in plan for v in step.net_sigmas], dtype=torch.float64, device=latents.device)
 
@@ -179,6 +211,8 @@ def sample(
             x_next = x_hat + step.h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
         if callback is not None:
             callback(i, step.hat[0], step.sigma_next, x_next / step.s_next, denoised)
+        if after_step is not None:
+            x_next = after_step(i, x_next, denoised)
     return x_next.to(latents.dtype), k
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from training import samplers
 from training.generation import SAMPLING_PRECISIONS
 from training.options import Option, table
-from training.samplers import edm, score_sde
+from training.samplers import edm, restart, score_sde, unipc
 
 _POSITIVE = dict(low=0, low_open=True)
 
@@ -36,6 +36,11 @@ SOLVER_OPTIONS: dict[str, Option] = table([
     Option("corrector", "choice", "pc: corrector [default: langevin]", choices=tuple(score_sde.CORRECTORS)),
     Option("snr", "float", "pc: corrector signal-to-noise ratio [default: 0.16]", **_POSITIVE),
     Option("n_corrector", "int", "pc: corrector steps per level [default: 1]", low=1),
+    Option("order", "int", "unipc: predictor order (the corrector adds one) [default: 2]", low=min(unipc.ORDERS),
+           high=max(unipc.ORDERS)),
+    Option("restart_info", "str", "restart: intervals, JSON {\"i\": [N, K, t_min, t_max], ...} [default: "
+           f"{restart.DEFAULT_RESTARTS}]", metavar="JSON"),
+    Option("restart_gamma", "float", "restart: churn inside the intervals [default: 0]", low=0),
 ])  # fmt: skip
 
 
