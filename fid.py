@@ -7,6 +7,8 @@
         --ref=fid-refs/cifar10-32x32.npz --num_images=50000 --seeds=50000-99999
     torchrun --standalone --nproc_per_node=8 fid.py sweep --networks=training-runs/00000-cifar10 \\
         --seeds=0-49999,50000-99999,100000-149999 --ref=fid-refs/cifar10-32x32.npz --out=sweep.json --plot=sweep.png
+    torchrun --standalone --nproc_per_node=8 fid.py robustness --networks=D128.pt,D2048.pt,Dinf.pt \
+        --ref=fid-refs/cifar10-32x32.npz --alphas=0,0.1,0.2 --steps_axis=6,9,18 --bits_axis=8,6 --out=robustness.json
 
 Under torchrun write `--num_images`: torchrun's own parser takes `--num` for its `--numa-binding`.
 
@@ -20,7 +22,8 @@ folders: training/generation/reference.py) scores each checkpoint's folder, as t
 `gen` samples in memory and never writes PNGs; its images are quantised to uint8 exactly as
 generate.py saves them, so `gen` equals generate.py followed by `calc`. `sweep` runs `gen`'s evaluation for every
 network and seed range, keeps each result in --out at once (a rerun does only what is missing), and marks the
-best value and the best mean over the ranges (training/sweep.py). Reference files are npz
+best value and the best mean over the ranges (training/sweep.py). `robustness` evaluates networks against injected
+noise, steps and weight bits, resumable in the same way (training/robustness.py, docs/robustness.md). Reference files are npz
 with mu and sigma, interchangeable with EDM's. The detector is Inception-v3 as EDM uses it,
 downloaded once into the cache; `--detector=PATH` or $PFGMPP_DETECTOR for offline machines.
 """
@@ -28,12 +31,13 @@ downloaded once into the cache; `--detector=PATH` or $PFGMPP_DETECTOR for offlin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from dnnlib import util
 from torch_utils import distributed
-from training import evaluation, generation, metrics, sweep
+from training import evaluation, generation, metrics, robustness, sweep
 from training.cli import exit_on_signals, user_errors
 from training.cli.sampler import SeedList, sampler_options, settings_from_options
 from training.generation import reference as run_layout
@@ -212,12 +216,12 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_s
     with exit_on_signals(), user_errors():
         check_output(out, "--out", overwrite=True)
         net = generation.load_guided(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
-                                      opts.get("guidance", 1.0))
+                                      opts.get("guidance", 1.0), opts.get("quantize_bits"))
         reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
         result = evaluation.score(net, seed_list, wanted, reference, det, device, settings, batch_size, class_idx,
                                   opts["precision"], progress=True)
         sampler = dict(solver=settings.solver, **settings.options, nfe_per_batch=result.nfe_per_batch,
-                       guidance=opts["guidance"], gnet=opts.get("gnet"))
+                       guidance=opts["guidance"], gnet=opts.get("gnet"), quantize_bits=opts.get("quantize_bits"))
         finish(result.results, dict(network=network, num=len(seed_list), seeds=evaluation.seed_ranges_text(seed_list),
                                     ref=ref, detector=detector_source, sampler=sampler), out)
     distributed.shutdown()
@@ -282,7 +286,8 @@ def sweep_command(networks, ranges, num, class_idx, ref, wanted, out, plot, batc
     with exit_on_signals(), user_errors():
         check_output(out, "--out", overwrite=True)
         check_output(plot, "--plot", overwrite=True)
-        key = sweep.settings(ref, detector_source, settings, opts["guidance"], opts.get("gnet"), opts["precision"], class_idx)
+        key = sweep.settings(ref, detector_source, settings, opts["guidance"], opts.get("gnet"), opts["precision"], class_idx,
+                             opts.get("quantize_bits"))
         records = distributed.main_only(lambda: sweep.Records.load(out))  # every rank plans; rank 0 alone writes
         pending = sweep.pending(records, networks, ranges, key, wanted)
         _say_pending(records, pending, len(networks), len(ranges), key)
@@ -290,7 +295,7 @@ def sweep_command(networks, ranges, num, class_idx, ref, wanted, out, plot, batc
             reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
         for i, todo in pending:
             net = generation.load_guided(networks[i].path, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx,
-                                          opts.get("gnet"), opts["guidance"])
+                                          opts.get("gnet"), opts["guidance"], opts.get("quantize_bits"))
             for j in todo:
                 result = evaluation.score(net, ranges[j], wanted, reference, det, device, settings, batch_size, class_idx,
                                           opts["precision"], progress=True)
@@ -340,6 +345,89 @@ def _report(records, networks, ranges, key, wanted, plot) -> None:
             sweep.plot(plot, name, rows, top)
     records.save(best)
     click.echo(f"\nwrote {records.path}" + ("" if plot is None else f" and {plot}"))
+
+
+def number_list(kind):
+    """A click callback: a comma-separated list of `kind` (int or float), empty for none."""
+
+    def parse(ctx, param, value: str | None):
+        if not value:
+            return []
+        try:
+            return [kind(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+
+    return parse
+
+
+@main.command("robustness")
+@click.option("--networks", help="Networks to compare (e.g. one per D): files, globs, run directories or URLs; comma-separated or repeated", metavar="SPEC", multiple=True, required=True, callback=network_list)
+@click.option("--num", "--num_images", "num", help="Images per cell [default: 50000; --num_images under torchrun]", metavar="INT", type=click.IntRange(min=2))
+@click.option("--seeds", help="Seeds of every cell's images [default: 0 to num-1]", metavar="LIST", type=SeedList())
+@_CLASS
+@reference_options
+@click.option("--alphas", help="Injected noise alpha per step (x += alpha sigma_i N(0, I)), e.g. 0,0.05,0.1,0.2", metavar="LIST", callback=number_list(float))
+@click.option("--steps_axis", "steps_axis", help="Step counts (--steps values), e.g. 6,9,13,18", metavar="LIST", callback=number_list(int))
+@click.option("--bits_axis", "bits_axis", help="Weight bit widths, e.g. 9,8,7,6,5", metavar="LIST", callback=number_list(int))
+@click.option("--out", help="Results JSON: cells already in it (same network contents and settings) are not redone; updated after each", metavar="JSON", type=click.Path(dir_okay=False), required=True)
+@click.option("--table", help="Also write the Markdown table (one row per network) [default: --out with .md]", metavar="MD", type=click.Path(dir_okay=False))
+@click.option("--plot", help="Also draw the metric against each axis, a line per network (needs matplotlib)", metavar="PNG", type=click.Path(dir_okay=False))
+@common_options
+@sampler_options
+def robustness_command(networks, num, seeds, class_idx, ref, wanted, alphas, steps_axis, bits_axis, out, table, plot,
+                       batch_size, detector_source, **opts):
+    """The PFGM++ paper's robustness study: each metric against injected noise, steps and weight bits, per network;
+    resumable; writes the JSON, a Markdown table and the plot."""
+    _check_ref(ref, wanted)
+    seed_list = _seed_list(seeds, num)
+    settings = settings_from_options(opts)
+    with user_errors():
+        study = robustness.Study(alphas, steps_axis, bits_axis)
+        cells = study.cells(settings, opts.get("quantize_bits"))
+        if plot is not None:
+            sweep.check_plotting()
+        device = distributed.init()
+
+    with exit_on_signals(), user_errors():
+        table = table or str(Path(out).with_suffix(".md"))
+        for path in (out, table, plot):
+            check_output(path, "--out/--table/--plot", overwrite=True)
+        base = sweep.settings(ref, detector_source, settings, opts["guidance"], opts.get("gnet"), opts["precision"], class_idx)
+        base = {k: v for k, v in base.items() if k != "sampler"} | {"seeds": evaluation.seed_ranges_text(seed_list)}
+        records = distributed.main_only(lambda: robustness.Records.load(out))  # every rank plans; rank 0 alone writes
+        reference = det = None
+        for network in networks:
+            identity = robustness.file_identity(network.path)
+            todo = [c for c in cells if records.find(identity, c, robustness.cell_key(c, base), wanted) is None]
+            distributed.print0(f"{network.name}: {len(cells) - len(todo)} of {len(cells)} cells in {out}, {len(todo)} to do")
+            for cell in todo:
+                if det is None:
+                    reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
+                net = generation.load_guided(network.path, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx,
+                                              opts.get("gnet"), opts["guidance"], cell.quantize_bits)
+                result = evaluation.score(net, seed_list, wanted, reference, det, device, cell.sampler, batch_size,
+                                          class_idx, opts["precision"], progress=False)
+                new = robustness.record(network.path, identity, net.D, cell, robustness.cell_key(cell, base), wanted,
+                                        result.results, result.nfe_per_batch, result.seconds)
+                distributed.main_only(lambda new=new: records.add(new))
+                values = ", ".join(f"{k} {v:g}" for k, v in result.results.items())
+                distributed.print0(f"  {cell.axis} = {cell.value:g}: {values} (NFE {result.nfe_per_batch:g}, {result.seconds:.1f} s)")
+        distributed.main_only(lambda: _robustness_report(records, networks, cells, base, wanted, table, plot))
+    distributed.shutdown()
+
+
+def _robustness_report(records, networks, cells, base, wanted, table, plot) -> None:
+    """Rank 0: the table per metric (printed and written) and the plot of the first metric."""
+    identities = {robustness.file_identity(n.path) for n in networks}
+    keys = [json.dumps(robustness.cell_key(c, base), sort_keys=True) for c in cells]
+    mine = [r for r in records.records if r["identity"] in identities and json.dumps(r["settings"], sort_keys=True) in keys]
+    text = "\n".join(robustness.markdown_table(name, robustness.curves(mine, name)) for name in wanted)
+    click.echo("\n" + text)
+    robustness.write_text(table, text)
+    if plot is not None:
+        robustness.plot(plot, wanted[0], robustness.curves(mine, wanted[0]))
+    click.echo(f"wrote {records.path}, {table}" + ("" if plot is None else f" and {plot}"))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def load(network: str, device: torch.device, opts: dict, class_idx: int | None):
     """The network, checked against the options that must agree with it; errors as click errors."""
     with user_errors():
         return generation.load_guided(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
-                                       opts.get("guidance", 1.0))
+                                       opts.get("guidance", 1.0), opts.get("quantize_bits"))
 
 
 _REFERENCE_FLAGS = [  # the PFGM++ reference's generate.py: a run directory's checkpoints (docstring)

@@ -33,6 +33,7 @@ import numpy as np
 from dnnlib import util
 from training import evaluation, generation, metrics, phema
 from training.checkpoint.formats import KIMG_PATTERN
+from training.generation import quantize
 from training.samplers import SamplerSettings
 
 FORMAT, VERSION = "pfgmpp-fid-sweep", 1
@@ -150,12 +151,16 @@ def _identity(path: str | None) -> str | None:
 
 
 def settings(ref: str | None, detector_source: str | None, sampler: SamplerSettings, guidance: float = 1.0,
-             gnet: str | None = None, precision: str = "tf32", class_idx: int | None = None) -> dict:
-    """What records must share to be reused: reference, detector, sampler, guidance, precision, class (as JSON reads it)."""
+             gnet: str | None = None, precision: str = "tf32", class_idx: int | None = None,
+             quantize_bits: int | None = None) -> dict:
+    """What records must share to be reused: reference, detector, sampler, guidance, precision, class, quantisation
+    (as JSON reads it)."""
     guided = float(guidance) != 1.0
     value = {"ref": _identity(ref), "detector": _identity(metrics.detector.resolve_source(detector_source)),
              "sampler": {"solver": sampler.solver, **sampler.options}, "guidance": float(guidance),
              "gnet": _identity(gnet) if guided else None, "precision": precision, "class": class_idx}
+    if quantize_bits is not None and int(quantize_bits) < quantize.FULL_PRECISION_BITS:
+        value["quantize_bits"] = int(quantize_bits)  # absent otherwise: the records of earlier sweeps stay valid
     return json.loads(json.dumps(value))
 
 

@@ -85,8 +85,8 @@ def test_a_new_metric_is_one_file_and_one_registry_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", list(samplers.SOLVERS))
 def test_each_solver_declares_options_its_functions_take(name):
     """A registry entry names only keywords its functions take (a method that shares a function with its
-    family may read fewer: pfgm_rk45 no num_steps, euler no alpha); a prior that forwards **options to
-    `noise_levels` declares exactly that function's keywords."""
+    family may read fewer: pfgm_rk45 no num_steps, euler no alpha); a function that forwards **options to
+    `noise_levels` takes its own keywords and that function's."""
     import inspect
 
     from training.samplers.levels import noise_levels
@@ -95,10 +95,11 @@ def test_each_solver_declares_options_its_functions_take(name):
 
     def keywords(fn, positional):
         params = inspect.signature(fn).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return keywords(noise_levels, {"net"})
         bound = set(getattr(fn, "keywords", {}))  # functools.partial's fixed argument (the family's method)
-        return {p for p in params if p not in positional and p not in bound}
+        own = {p for p, v in params.items() if p not in positional and p not in bound and v.kind is not v.VAR_KEYWORD}
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # forwards the rest to noise_levels
+            return own | keywords(noise_levels, {"net"})
+        return own
 
     assert set(entry.options) <= keywords(entry.run, {"net", "latents", "class_labels", "generator"})
     assert set(entry.prior_options) <= keywords(entry.prior, {"net", "generator", "batch", "device"})

@@ -4,7 +4,8 @@
   `load_guided`, `generate`, `sample_seeds`, `parse_seeds`;
 - images.py: uint8 quantisation (as PNGs store them) and PNG grids;
 - latents.py: encode / decode through the probability-flow ODE, interpolation, temperature (generate.py's modes);
-- likelihood.py: bits/dim through the same ODE (pfgmpp-likelihood).
+- likelihood.py: bits/dim through the same ODE (pfgmpp-likelihood);
+- quantize.py: post-training weight quantisation of a copy of the network (the robustness study, `load_guided`).
 """
 
 from training.generation.seeded import (

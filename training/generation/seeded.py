@@ -20,7 +20,7 @@ from dnnlib import util
 from torch_utils import distributed, rng
 from torch_utils.precision import configure as configure_precision
 from training import checkpoint, samplers
-from training.generation import images
+from training.generation import images, quantize
 from training.pfgmpp import format_D
 from training.samplers import SamplerSettings
 from training.samplers.guidance import guided
@@ -69,19 +69,22 @@ def check_image_shape(net, image_shape, where: str) -> None:
 
 
 def load_guided(network: str, device, aug_dim: float | None = None, pfgmpp: bool | None = None,
-                class_idx: int | None = None, gnet: str | None = None, guidance: float = 1.0):
+                class_idx: int | None = None, gnet: str | None = None, guidance: float = 1.0,
+                quantize_bits: int | None = None):
     """The network sampling uses: read from any supported file or URL (`checkpoint.load_network`), checked against
-    the options that must agree with it, and guided by `gnet` (or by itself, without labels) with weight `guidance`
+    the options that must agree with it, its weights (and the guide's) quantised to `quantize_bits` when given
+    (`quantize.quantize`), and guided by `gnet` (or by itself, without labels) with weight `guidance`
     (`training.samplers.guidance`).
 
     Rank 0 reads (and for a URL downloads) it first; the other ranks then read the cached file.
     """
     net = distributed.main_first(lambda: checkpoint.load_network(network, device=device))
     check_network_options(net, aug_dim, pfgmpp, class_idx)
+    net = quantize.quantize(net, quantize_bits)
     if float(guidance) == 1.0:
         return net  # D itself: the guide would cost an evaluation per call and change nothing
     guide = None if gnet is None else distributed.main_first(lambda: checkpoint.load_network(gnet, device=device))
-    return guided(net, guide, guidance)
+    return guided(net, None if guide is None else quantize.quantize(guide, quantize_bits), guidance)
 
 
 MAX_SEEDS = 100_000_000  # per call: a list of them is kept in memory, and so many images take days

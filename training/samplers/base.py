@@ -64,6 +64,19 @@ def draw_prior(net, generator: rng.Generators, sigma: float, batch: int | None =
     return latents
 
 
+def perturbation(alpha: float, generator: rng.Generators) -> Callable[[torch.Tensor, float], torch.Tensor] | None:
+    """The robustness study's modelling error (PFGM++ paper, Sec. 5.3; its generate_alpha.py): noise(x, sigma) =
+    alpha * sigma * N(0, I), drawn from `generator` (one, or one per sample), which a fixed-step solver adds to x at
+    the start of every step, where the level is sigma, before anything else (churn, the network). None for
+    alpha = 0: nothing is added and nothing drawn, so the samples are those of the unperturbed solver, bitwise."""
+    if not alpha >= 0 or math.isinf(alpha):
+        raise ValueError(f"perturb_alpha must be a finite number >= 0, got {alpha}")
+    if alpha == 0:
+        return None
+    randn_like = rng.randn_like_fn(generator)
+    return lambda x, sigma: randn_like(x) * (float(alpha) * float(sigma))
+
+
 def log_sigma_drift(net, class_labels: torch.Tensor | None = None) -> Callable[[float, torch.Tensor], torch.Tensor]:
     """dx/dt of the probability-flow ODE in t = ln(sigma): sigma dx/dsigma = x - D(x, sigma), for any network and D.
 

@@ -55,14 +55,14 @@ def plan_multistep(sigmas: torch.Tensor, order: int) -> list[multistep.Step]:
 
 
 def sample(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None, generator=None, *, order: int = 2,
-           callback=None, **level_options) -> tuple[torch.Tensor, int]:
+           perturb_alpha: float = 0.0, callback=None, **level_options) -> tuple[torch.Tensor, int]:
     """Integrate the prior draws `latents` to samples with DPM-Solver++(2M) (order 2) or (3M) (order 3)."""
     sigmas = multistep.levels(net, **level_options)
     plan = plan_2m(sigmas) if order == 2 else plan_multistep(sigmas, order)
-    return multistep.integrate(net, latents, sigmas, plan, class_labels, callback)
+    return multistep.integrate(net, latents, sigmas, plan, class_labels, callback, generator, perturb_alpha)
 
 
-OPTIONS = (*multistep.LEVEL_OPTIONS, "callback")
+OPTIONS = (*multistep.LEVEL_OPTIONS, "perturb_alpha", "callback")
 DPMPP_2M = Solver(functools.partial(sample, order=2), multistep.prior_latents, OPTIONS, multistep.LEVEL_OPTIONS,
                   "DPM-Solver++(2M): second-order multistep, one evaluation per level")
 DPMPP_3M = Solver(functools.partial(sample, order=3), multistep.prior_latents, OPTIONS, multistep.LEVEL_OPTIONS,

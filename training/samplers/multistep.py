@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.samplers.base import draw_prior
+from training.samplers.base import draw_prior, perturbation
 from training.samplers.levels import noise_levels
 
 # The options of `noise_levels` that a multistep solver reads (its prior draw too).
@@ -104,16 +104,22 @@ def _combine(rule: Combination, x: torch.Tensor, outputs: Sequence[torch.Tensor]
 
 
 def integrate(net, latents: torch.Tensor, sigmas: torch.Tensor, steps: Sequence[Step],
-              class_labels: torch.Tensor | None = None, callback: Callable | None = None) -> tuple[torch.Tensor, int]:
+              class_labels: torch.Tensor | None = None, callback: Callable | None = None, generator=None,
+              perturb_alpha: float = 0.0) -> tuple[torch.Tensor, int]:
     """Run a plan: (D(x, sigma_{n-1}) in latents' dtype, n evaluations); len(steps) = n - 1 = len(sigmas) - 1.
 
-    `callback(i, sigma_i, x_i, D_i)` follows every evaluation (x_i: the point the network saw).
+    `callback(i, sigma_i, x_i, D_i)` follows every evaluation (x_i: the point the network saw). `perturb_alpha` > 0
+    adds perturb_alpha * sigma_i * N(0, I) (from `generator`) to the state at every level before the network sees
+    it (`base.perturbation`); a corrected state gets the same draw as the prediction it corrects.
     """
+    perturb = perturbation(perturb_alpha, generator)
     if len(steps) != len(sigmas) - 1:
         raise ValueError(f"a plan over {len(sigmas)} levels has {len(sigmas) - 1} steps, got {len(steps)}")
     depth = max([1] + [len(rule.outputs) for step in steps for rule in (step.predict, step.correct) if rule])
     on_device = sigmas.to(device=latents.device, dtype=torch.float64)  # one copy: no host-device sync per step
     x = latents.to(torch.float64)
+    if perturb is not None:
+        x = x + perturb(x, float(sigmas[0]))
     denoised = net(x, on_device[0], class_labels).to(torch.float64)
     if callback is not None:
         callback(0, float(sigmas[0]), x, denoised)
@@ -121,8 +127,15 @@ def integrate(net, latents: torch.Tensor, sigmas: torch.Tensor, steps: Sequence[
     for i, step in enumerate(steps):
         outputs = [denoised, *outputs][:depth]
         x_pred = _combine(step.predict, x, outputs)
+        noise = None if perturb is None else perturb(x_pred, float(sigmas[i + 1]))
+        if noise is not None:
+            x_pred = x_pred + noise
         denoised = net(x_pred, on_device[i + 1], class_labels).to(torch.float64)
         if callback is not None:
             callback(i + 1, float(sigmas[i + 1]), x_pred, denoised)
-        x = x_pred if step.correct is None else _combine(step.correct, x, [denoised, *outputs])
+        if step.correct is None:
+            x = x_pred
+        else:
+            x = _combine(step.correct, x, [denoised, *outputs])
+            x = x if noise is None else x + noise
     return denoised.to(latents.dtype), len(sigmas)

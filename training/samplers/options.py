@@ -36,6 +36,8 @@ SOLVER_OPTIONS: dict[str, Option] = table([
     Option("corrector", "choice", "pc: corrector [default: langevin]", choices=tuple(score_sde.CORRECTORS)),
     Option("snr", "float", "pc: corrector signal-to-noise ratio [default: 0.16]", **_POSITIVE),
     Option("n_corrector", "int", "pc: corrector steps per level [default: 1]", low=1),
+    Option("perturb_alpha", "float", "Robustness study: add alpha * sigma_i * N(0, I) to x at the start of every "
+           "step (fixed-step solvers; PFGM++ generate_alpha.py) [default: 0]", metavar="ALPHA", low=0),
     Option("order", "int", "unipc: predictor order (the corrector adds one) [default: 2]", low=min(unipc.ORDERS),
            high=max(unipc.ORDERS)),
     Option("restart_info", "str", "restart: intervals, JSON {\"i\": [N, K, t_min, t_max], ...} [default: "
@@ -54,6 +56,8 @@ OPTIONS: dict[str, Option] = table([
     Option("guidance", "float", "Guidance weight w: D_g + w (D - D_g); 1 = none", default=1.0),
     Option("gnet", "str", "Guiding network D_g [default: the network itself without labels, if trained with "
            "--label_dropout]", metavar="PATH|URL"),
+    Option("quantize_bits", "int", "Robustness study: quantise a copy of the weights to B bits per tensor "
+           "(min-max; PFGM++ generate_quant.py; 32: unchanged)", metavar="B", low=1, high=32),
     Option("precision", "choice", "Network arithmetic (tf32: TF32 matmuls on CUDA)", default="tf32",
            choices=SAMPLING_PRECISIONS),
     Option("aug_dim", "D", "Check that the network's D is this ('inf' for diffusion)"),

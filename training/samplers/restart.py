@@ -60,7 +60,7 @@ def sample(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
            *, num_steps: int = 18, sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
            discretization: str = "edm", restart_info: str = DEFAULT_RESTARTS, restart_gamma: float = 0.0,
            S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0,
-           callback=None) -> tuple[torch.Tensor, int]:
+           perturb_alpha: float = 0.0, callback=None) -> tuple[torch.Tensor, int]:
     """Integrate the prior draws `latents` with Restart: (samples in latents' dtype, network evaluations)."""
     if restart_gamma < 0:
         raise ValueError(f"restart_gamma must be >= 0, got {restart_gamma}")
@@ -89,12 +89,13 @@ def sample(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
                                                           generator)
                 x, count = edm.integrate(net, x, inner, class_labels, generator, to_zero=False,
                                          S_churn=restart_gamma * (len(inner) - 1), S_min=S_min, S_max=S_max,
-                                         S_noise=S_noise, callback=remember)
+                                         S_noise=S_noise, perturb_alpha=perturb_alpha, callback=remember)
                 denoised, evaluations = last["denoised"], evaluations + count
         return x
 
     x, count = edm.integrate(net, latents, levels, class_labels, generator, S_churn=S_churn, S_min=S_min,
-                             S_max=S_max, S_noise=S_noise, callback=callback, after_step=restart)
+                             S_max=S_max, S_noise=S_noise, perturb_alpha=perturb_alpha, callback=callback,
+                             after_step=restart)
     return x, count + evaluations
 
 
@@ -103,6 +104,7 @@ def prior_latents(net, generator: rng.Generators, batch: int | None = None, devi
     return edm.prior_latents(net, generator, batch, device, **level_options)
 
 
-OPTIONS = (*LEVEL_OPTIONS, "restart_info", "restart_gamma", "S_churn", "S_min", "S_max", "S_noise", "callback")
+OPTIONS = (*LEVEL_OPTIONS, "restart_info", "restart_gamma", "S_churn", "S_min", "S_max", "S_noise", "perturb_alpha",
+           "callback")
 RESTART = Solver(sample, prior_latents, OPTIONS, LEVEL_OPTIONS,
                  "Restart: EDM's Heun with re-noised, re-solved intervals (the PFGM++ kernel's transition)")

@@ -77,11 +77,12 @@ def plan(sigmas: torch.Tensor, order: int = 2) -> list[multistep.Step]:
 
 
 def sample(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None, generator=None, *, order: int = 2,
-           callback=None, **level_options) -> tuple[torch.Tensor, int]:
+           perturb_alpha: float = 0.0, callback=None, **level_options) -> tuple[torch.Tensor, int]:
     """Integrate the prior draws `latents` to samples with UniPC-bh2 of `order` (with the corrector: order + 1)."""
     sigmas = multistep.levels(net, **level_options)
-    return multistep.integrate(net, latents, sigmas, plan(sigmas, int(order)), class_labels, callback)
+    return multistep.integrate(net, latents, sigmas, plan(sigmas, int(order)), class_labels, callback, generator,
+                               perturb_alpha)
 
 
-UNIPC = Solver(sample, multistep.prior_latents, (*multistep.LEVEL_OPTIONS, "order", "callback"),
+UNIPC = Solver(sample, multistep.prior_latents, (*multistep.LEVEL_OPTIONS, "order", "perturb_alpha", "callback"),
                multistep.LEVEL_OPTIONS, "UniPC-bh2 with the corrector UniC: one evaluation per level")
