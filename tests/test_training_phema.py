@@ -114,8 +114,32 @@ def test_metrics_during_training_equal_fid_gen_on_the_snapshot(data, tmp_path, o
         assert json.loads(out.read_text())["results"]["fid"] == pytest.approx(record["value"], rel=1e-12)
 
 
+def test_metrics_during_training_take_the_robustness_perturbations(data, tmp_path, one_thread):
+    """--metrics_solver/--metrics_steps/--metrics_alpha/--metrics_bits score as fid.py gen with --solver/--steps/
+    --perturb_alpha/--quantize_bits on the snapshot file."""
+    detector = write_detector(tmp_path / "det.pt")
+    ref = tmp_path / "ref.npz"
+    assert CliRunner().invoke(fid.main, ["ref", f"--data={data}", f"--dest={ref}", f"--detector={detector}",
+                                         "--features=1", "--workers=0"]).exit_code == 0
+    run_train(tmp_path / "run", [f"--data={data}", *STEP_ARGS, "--duration=0.000004", "--metrics=fid",
+                                 f"--metrics_ref={ref}", "--metrics_num=6", f"--detector={detector}",
+                                 "--metrics_solver=unipc", "--metrics_steps=5", "--metrics_alpha=0.1", "--metrics_bits=6"])
+    record = [json.loads(x) for x in (tmp_path / "run" / "metric-fid.jsonl").read_text().splitlines()][-1]
+    assert record["sampler"] == {"solver": "unipc", "num_steps": 5, "perturb_alpha": 0.1, "quantize_bits": 6}
+    assert record["nfe_per_batch"] == 5
+    out = tmp_path / "gen.json"
+    result = CliRunner().invoke(fid.main, ["gen", f"--network={tmp_path / 'run' / record['snapshot']}", "--seeds=0-5",
+                                           f"--ref={ref}", "--metrics=fid", f"--detector={detector}", f"--out={out}",
+                                           "--solver=unipc", "--steps=5", "--perturb_alpha=0.1", "--quantize_bits=6"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["results"]["fid"] == pytest.approx(record["value"], rel=1e-12)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--metrics=fid"], "--metrics_ref is required for fid"),
+    (["--metrics=kid", "--metrics_ref={data}", "--detector={detector}", "--metrics_solver=rk45", "--metrics_alpha=0.1"],
+     "--metrics_alpha does not apply to --metrics_solver=rk45"),
+    (["--metrics_alpha=0.1"], "--metrics_alpha has no effect without --metrics"),
     (["--metrics=fid", "--metrics_ref={missing}", "--detector={detector}"], "missing.npz"),
     (["--metrics=fid", "--metrics_ref={data}", "--detector={missing}"], "missing.npz"),
     (["--metrics_ref=x.npz"], "--metrics_ref has no effect without --metrics; add --metrics=... or leave --metrics_ref out"),

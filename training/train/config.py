@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from dnnlib.util import EasyDict
 from torch_utils.precision import effective as effective_precision
-from training import evaluation, losses, networks, pfgmpp, phema, preconditioners
+from training import evaluation, losses, networks, pfgmpp, phema, preconditioners, samplers
 from training import metrics as metrics_lib
 from training.augment import AugmentPipe
 from training.options import check_needs, check_range
@@ -62,6 +62,7 @@ def training_config(*, world_size: int = 1, **given) -> EasyDict:
     o.metrics = _metric_names(o.metrics)
     if o.metrics:
         evaluation.check_reference(o.metrics, o.metrics_ref, "--metrics_ref")
+        metrics_sampler(o)  # a solver that does not read --metrics_steps / --metrics_alpha is refused now
     if o.pfgmpp and o.aug_dim is None:
         raise ValueError("--pfgmpp=1 needs --aug_dim=D (e.g. 128 or 2048; 'inf' is the diffusion limit)")
     D = pfgmpp.check_D(o.aug_dim) if o.pfgmpp else math.inf
@@ -116,6 +117,20 @@ def phema_profiles(value: str | Sequence[float]) -> list[float]:
         return phema.check_profiles(value) if value else []
     except ValueError as error:
         raise ValueError(f"--ema_std: {error}") from None
+
+
+METRICS_SAMPLER = {"metrics_steps": "num_steps", "metrics_alpha": "perturb_alpha"}  # option -> solver keyword
+
+
+def metrics_sampler(c: dict) -> samplers.SamplerSettings:
+    """The sampler of --metrics: --metrics_solver (default heun) with --metrics_steps and --metrics_alpha when set;
+    ValueError naming the flag a solver does not read."""
+    options = {keyword: c.get(name) for name, keyword in METRICS_SAMPLER.items()}
+    try:
+        return samplers.SamplerSettings(c.get("metrics_solver") or "heun", options)
+    except samplers.UnknownOptions as error:
+        flags = [OPTIONS[n].cli_flag for n, k in METRICS_SAMPLER.items() if k in error.foreign]
+        raise ValueError(f"{', '.join(flags)} does not apply to --metrics_solver={error.solver}") from None
 
 
 def _metric_names(value: str | Sequence[str] | None) -> list[str]:

@@ -15,7 +15,7 @@ the sigma distribution (--P_mean, --P_std) with the loss (EDM's -1.2, 1.2; EDM2'
 from __future__ import annotations
 
 from torch_utils.precision import PRECISIONS
-from training import losses, metrics, networks, preconditioners
+from training import losses, metrics, networks, preconditioners, samplers
 from training.options import Option, table
 
 RECIPES: dict[str, dict] = {
@@ -24,6 +24,10 @@ RECIPES: dict[str, dict] = {
     "edm2": dict(precond="edm2", lr=None, lr_rampup=10.0, lr_decay=35000.0, beta2=0.99, ema=0.0, ema_std="0.050,0.100",
                  dropout=None, augment=0.0),
 }
+
+
+def _solvers() -> list[str]:
+    return list(samplers.SOLVERS)
 
 
 def _objective(name: str, kind: str, help: str, **kwargs) -> Option:
@@ -137,6 +141,14 @@ OPTIONS: dict[str, Option] = table([
            needs="metrics", resume=True),
     Option("detector", "str", "Detector of --metrics [default: $PFGMPP_DETECTOR, else the Inception-v3 URL]",
            metavar="PATH|URL", needs="metrics", resume=True),
+    Option("metrics_solver", "choice", "Sampler of --metrics [default: heun]", choices=_solvers, needs="metrics",
+           resume=True),
+    Option("metrics_steps", "int", "Noise levels of --metrics' sampler [default: the solver's]", low=1,
+           needs="metrics", resume=True),
+    Option("metrics_alpha", "float", "--metrics with the robustness study's injected noise (--perturb_alpha of "
+           "generate.py) [default: 0]", low=0, needs="metrics", resume=True),
+    Option("metrics_bits", "int", "--metrics of the networks with weights quantised to B bits (--quantize_bits of "
+           "generate.py) [default: full precision]", metavar="B", low=1, high=32, needs="metrics", resume=True),
     Option("resume", "str", "Resume: 'auto' (newest state of this run) or a training-state file", metavar="auto|PT",
            saved=False),
     Option("dry_run", "flag", "Print the configuration and exit", default=False, aliases=("-n", "--dry-run"),

@@ -11,7 +11,8 @@ import torch
 
 from torch_utils import distributed
 from training import checkpoint, evaluation, samplers
-from training.generation import SAMPLING_PRECISIONS, images
+from training.generation import SAMPLING_PRECISIONS, images, quantize
+from training.train.config import metrics_sampler
 from training.train.ema import Averages
 
 GRID_STEPS = 18  # Heun steps of the sample grids (EDM's default)
@@ -56,19 +57,24 @@ def open_metrics(c: dict, device):
 def evaluate_metrics(c: dict, run_dir: Path, averages: Averages, setup, step: int, nimg: int, label: str, device,
                      log: logging.Logger) -> None:
     """Every rank, while training waits: --metrics of each tracked average, exactly as `fid.py gen` with its defaults
-    scores the snapshot (seeds 0..metrics_num-1); rank 0 appends a line per network and metric to metric-<name>.jsonl."""
+    scores the snapshot (seeds 0..metrics_num-1), with --metrics_solver/--metrics_steps/--metrics_alpha/--metrics_bits
+    as `fid.py gen` with --solver/--steps/--perturb_alpha/--quantize_bits; rank 0 appends a line per network and metric
+    to metric-<name>.jsonl."""
     detector, reference = setup
     precision = c["precision"] if c["precision"] in SAMPLING_PRECISIONS else "tf32"
+    settings = metrics_sampler(c)
     for name, sigma_rel, module in averages.snapshots(label):
+        module = quantize.quantize(module, c.get("metrics_bits"))
         score = evaluation.score(module, range(c["metrics_num"]), c["metrics"], reference, detector, device,
-                                 samplers.SamplerSettings(), METRICS_BATCH, precision=precision)
+                                 settings, METRICS_BATCH, precision=precision)
         if not distributed.is_main():
             continue
         for metric, results in score.by_metric.items():
             record = dict(kimg=nimg / 1000, step=step, snapshot=name, sigma_rel=sigma_rel,
                           ema_halflife_kimg=c["ema"] * 1000 if sigma_rel is None else None,
                           value=next(iter(results.values())), results=results, images=score.num,
-                          seconds=score.seconds, nfe_per_batch=score.nfe_per_batch)
+                          seconds=score.seconds, nfe_per_batch=score.nfe_per_batch,
+                          sampler={"solver": settings.solver, **settings.options, "quantize_bits": c.get("metrics_bits")})
             with open(run_dir / f"metric-{metric}.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             log.info(f"{name}: {metric} {record['value']:.4g} ({score.num} images, {score.seconds:.0f} s)")
