@@ -96,7 +96,8 @@ _REFERENCE = [
     click.option("--ref", "ref", help="Reference statistics (npz path or URL), or a dataset folder/ZIP", metavar="NPZ|URL|DIR"),
     click.option("--metrics", "wanted", help="Metrics to compute, comma-separated: " + ", ".join(f"{n} ({m.description})" for n, m in metrics.METRICS.items()), metavar="LIST", callback=metric_list, default="fid", show_default=True),
 ]
-_OUT = click.option("--out", help="Also write the results as JSON (replacing an existing file)", metavar="JSON", type=click.Path(dir_okay=False))
+_OUT = click.option("--out", help="Also write the results as JSON (a new file unless --overwrite)", metavar="JSON", type=click.Path(dir_okay=False))
+_OVERWRITE_OUT = click.option("--overwrite", "overwrite_out", help="Replace --out if it exists", is_flag=True)
 _CLASS = click.option("--class", "class_idx", help="Class label [default: random]", metavar="INT", type=click.IntRange(min=0))
 
 
@@ -108,8 +109,8 @@ def reference_options(command):
 
 
 def eval_options(command):
-    """--ref, --metrics and --out, shared by calc and gen."""
-    return reference_options(_OUT(command))
+    """--ref, --metrics, --out and --overwrite, shared by calc and gen."""
+    return reference_options(_OUT(_OVERWRITE_OUT(command)))
 
 
 def _check_ref(ref, wanted) -> None:
@@ -129,7 +130,8 @@ def _check_ref(ref, wanted) -> None:
 @click.option("--gen_seed", help="Run directory: the seed range of the folders: 1 (0-49999), 2 (50000-99999), 3 (100000-149999)", metavar="1|2|3", type=click.IntRange(min=1, max=3))
 @eval_options
 @common_options
-def calc(image_path, num_expected, seed, workers, ckpt, end_ckpt, gen_seed, ref, wanted, out, batch_size, detector_source):
+def calc(image_path, num_expected, seed, workers, ckpt, end_ckpt, gen_seed, ref, wanted, out, overwrite_out, batch_size,
+         detector_source):
     """Evaluate a folder or ZIP of images (e.g. from generate.py), or each checkpoint's folder of a run directory."""
     _check_ref(ref, wanted)
     by_checkpoint = run_layout.has_image_folders(image_path)
@@ -141,7 +143,7 @@ def calc(image_path, num_expected, seed, workers, ckpt, end_ckpt, gen_seed, ref,
         device = distributed.init()
 
     with exit_on_signals(), user_errors():
-        check_output(out, "--out", overwrite=True)
+        check_output(out, "--out", overwrite_out)
         det = metrics.detector.load_shared(detector_source, device)
         needs = metrics.reference_needs(wanted)
         reference = None if ref is None else metrics.open_reference(ref, needs, det, device, batch_size, workers, progress=True)
@@ -205,7 +207,7 @@ def ref(dataset_path, dest, overwrite, keep_features, workers, batch_size, detec
 @eval_options
 @common_options
 @sampler_options
-def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_source, **opts):
+def gen(network, num, seeds, class_idx, ref, wanted, out, overwrite_out, batch_size, detector_source, **opts):
     """Sample a network in memory and evaluate the samples (no PNGs written)."""
     _check_ref(ref, wanted)
     seed_list = _seed_list(seeds, num)
@@ -214,7 +216,7 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, batch_size, detector_s
         device = distributed.init()
 
     with exit_on_signals(), user_errors():
-        check_output(out, "--out", overwrite=True)
+        check_output(out, "--out", overwrite_out)
         net = generation.load_guided(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
                                       opts.get("guidance", 1.0), opts.get("quantize_bits"))
         reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)

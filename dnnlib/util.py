@@ -273,6 +273,9 @@ def local_path(path_or_url: str | os.PathLike, **download_kwargs) -> Path:
     if is_url(path_or_url):
         return download(str(path_or_url), **download_kwargs)
     path = Path(path_or_url).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file: give a file in it (for a run directory, one of its "
+                         "network-snapshot-*.pt)")
     if not path.is_file():
         raise ValueError(f"no such file: {path}")
     return path

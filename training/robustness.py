@@ -19,7 +19,6 @@ is evaluated again), the cell and every setting; a killed study reruns only what
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -82,11 +81,7 @@ def file_identity(path: str) -> str:
     """What records compare for a network: 'sha256:<hex>' of a local file's bytes, a URL as it is."""
     if util.is_url(path):
         return path
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{util.sha256_of(Path(path))}"
 
 
 def cell_key(cell: Cell, settings: dict) -> dict:

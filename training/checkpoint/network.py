@@ -188,6 +188,17 @@ def _read_native(path: Path, entry: str | None):
     return None
 
 
+_OTHER_KINDS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+                b"\x93NUMPY": "a numpy array (.npy)", b"{": "a JSON file"}
+
+
+def _known_other_kind(path: Path) -> str | None:
+    """What a file that is not a checkpoint is, from its first bytes (images, numpy, JSON), or None."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((kind for magic, kind in _OTHER_KINDS.items() if head.startswith(magic)), None)
+
+
 def read_checkpoint(path_or_url, entry: str | None = None) -> tuple[dict, dict]:
     """(config, state_dict) from a snapshot or training state of ours, or an EDM / PFGM++ / EDM2 checkpoint, by content.
 
@@ -198,6 +209,10 @@ def read_checkpoint(path_or_url, entry: str | None = None) -> tuple[dict, dict]:
     native = _read_native(path, entry)
     if native is not None:
         return native
+    kind = _known_other_kind(path)
+    if kind is not None:
+        raise ValueError(f"{path} is {kind}, not a network checkpoint: give a snapshot (.pt or .safetensors) or an "
+                         "EDM / PFGM++ / EDM2 .pkl")
     try:
         data = legacy.safe_load(path)
     except ValueError:

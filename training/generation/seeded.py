@@ -59,6 +59,18 @@ def check_network_options(net, aug_dim: float | None = None, pfgmpp: bool | None
             raise ValueError(f"--class={class_idx} is out of range: the network has classes 0-{net.label_dim - 1}")
 
 
+def check_finite_weights(net, where: str) -> None:
+    """ValueError when a parameter or buffer holds NaN or inf: such a network samples black images (or, with rk45,
+    never ends) rather than failing. One check when the network is loaded (a single host sync)."""
+    tensors = [(n, t) for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]) if tensors else torch.ones(0, dtype=torch.bool)
+    if not bool(finite.all()):
+        names = [n for (n, _), ok in zip(tensors, finite.tolist()) if not ok]
+        raise ValueError(f"{where}: the network's weights are not finite (NaN or inf in {', '.join(names[:3])}"
+                         f"{' and more' if len(names) > 3 else ''}); it cannot sample. Was its training diverging? "
+                         "Use an earlier snapshot")
+
+
 def check_image_shape(net, image_shape, where: str) -> None:
     """ValueError unless images of `image_shape` [C, H, W] (from `where`) are what the network takes."""
     expected = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
@@ -79,11 +91,14 @@ def load_guided(network: str, device, aug_dim: float | None = None, pfgmpp: bool
     Rank 0 reads (and for a URL downloads) it first; the other ranks then read the cached file.
     """
     net = distributed.main_first(lambda: checkpoint.load_network(network, device=device))
+    check_finite_weights(net, network)
     check_network_options(net, aug_dim, pfgmpp, class_idx)
     net = quantize.quantize(net, quantize_bits)
     if float(guidance) == 1.0:
         return net  # D itself: the guide would cost an evaluation per call and change nothing
     guide = None if gnet is None else distributed.main_first(lambda: checkpoint.load_network(gnet, device=device))
+    if guide is not None:
+        check_finite_weights(guide, gnet)
     return guided(net, None if guide is None else quantize.quantize(guide, quantize_bits), guidance)
 
 

@@ -87,6 +87,9 @@ def _plan(net, funcs, sigma_steps, solver, alpha, S_churn, S_min, S_max, to_zero
 
     def point(t):
         sig, sc = float(sigma(t)), float(s(t))
+        if not 0 < sig < math.inf:  # t_hat + h of two levels far apart cancels to 0 in float64
+            raise ValueError(f"a step from sigma={float(sigma_steps[0]):g} down to {float(sigma_steps[-1]):g} lands on "
+                             f"sigma={sig:g} in float64 arithmetic: the range is too wide; lower --sigma_max")
         a = float(sigma_deriv(t)) / sig + float(s_deriv(t)) / sc
         return sig, sc, a, float(sigma_deriv(t)) * sc / sig
 

@@ -68,7 +68,12 @@ def noise_levels(
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho}")
         sigmas = schedules.edm_sigma_steps(num_steps, lo, hi, rho)
-    return torch.as_tensor(net.round_sigma(sigmas), dtype=torch.float64).cpu()
+    levels = torch.as_tensor(net.round_sigma(sigmas), dtype=torch.float64).cpu()
+    if not bool(torch.all(torch.isfinite(levels) & (levels > 0))):
+        raise ValueError(f"the {discretization} noise levels from sigma_max={hi:g} to sigma_min={lo:g}"
+                         + (f" with rho={rho:g}" if discretization == "edm" else "")
+                         + " reach 0 in float64 arithmetic: narrow the range" + (" or raise --rho" if discretization == "edm" else ""))
+    return levels
 
 
 def flow_range(net, sigma_min: float | None = None, sigma_max: float | None = None) -> tuple[float, float]:

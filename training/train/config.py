@@ -113,6 +113,8 @@ def phema_profiles(value: str | Sequence[float]) -> list[float]:
             value = [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise ValueError(f"--ema_std must be comma-separated numbers such as 0.050,0.100, got {text!r}") from None
+        if not value:  # ',,': separators only would silently track nothing
+            raise ValueError(f"--ema_std lists no number ({text!r}); give e.g. 0.050,0.100, or 'none' for no profile")
     try:
         return phema.check_profiles(value) if value else []
     except ValueError as error:

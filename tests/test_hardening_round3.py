@@ -1,0 +1,96 @@
+"""Hardening, round 3 (issue 25), the cases fixed so far: each failed before its fix (a traceback, a silent
+replacement, black PNGs, a profile list that tracks nothing) and is now one line, a non-zero exit and nothing written."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fid
+import generate
+from tests.helpers import make_dataset, run_train, tiny_network
+from tests.test_fid import run as run_fid
+from training import checkpoint
+
+
+def _generate(args):
+    return CliRunner().invoke(generate.main, [str(a) for a in args])
+
+
+def _one_line_error(result, message):
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output and message in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    path = tmp_path_factory.mktemp("net") / "net.pt"
+    torch.manual_seed(0)
+    checkpoint.save_network(path, tiny_network())
+    return path
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--rho=0.1", "reach 0 in float64 arithmetic: narrow the range or raise --rho"),
+    ("--sigma_max=1e20", "the range is too wide; lower --sigma_max"),
+])  # fmt: skip
+def test_sampler_ranges_that_underflow_are_one_line_errors(net, tmp_path, option, message):
+    """Were ZeroDivisionError tracebacks."""
+    _one_line_error(_generate(["--network", net, "--outdir", tmp_path, "--seeds=0", "--steps=3", option]), message)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_picture_or_a_folder_as_the_network_is_named_as_such(net, tmp_path):
+    """Were "unexpected persistent id 'NG\\r'" and "no such file" for a folder that exists."""
+    import numpy as np
+    import PIL.Image
+
+    PIL.Image.fromarray(np.zeros([8, 8, 3], np.uint8)).save(tmp_path / "x.png")
+    _one_line_error(_generate(["--network", tmp_path / "x.png", "--outdir", tmp_path / "o", "--seeds=0"]),
+                    "is a PNG image, not a network checkpoint")
+    _one_line_error(_generate(["--network", tmp_path, "--outdir", tmp_path / "o", "--seeds=0"]),
+                    "is a folder, not a file")
+    _one_line_error(_generate(["--network", net, "--gnet", tmp_path / "x.png", "--guidance=2", "--outdir",
+                               tmp_path / "o", "--seeds=0", "--steps=2"]), "is a PNG image")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").rglob("*.png"))
+
+
+@pytest.mark.parametrize("solver", ["heun", "rk45"])
+def test_a_network_with_nan_weights_is_refused_before_sampling(tmp_path, solver):
+    """Were all-black PNGs with exit 0 (heun) and a solver that never ended (rk45)."""
+    torch.manual_seed(0)
+    bad = tiny_network()
+    with torch.no_grad():
+        next(p for n, p in bad.named_parameters() if n.endswith("conv.weight")).view(-1)[0] = math.nan
+    checkpoint.save_network(tmp_path / "nan.pt", bad)
+    _one_line_error(_generate(["--network", tmp_path / "nan.pt", "--outdir", tmp_path / "o", "--seeds=0",
+                               f"--solver={solver}"]), "weights are not finite")
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_ema_std_with_separators_only_is_an_error(tmp_path):
+    """Was a run that tracked no profile, silently."""
+    data = make_dataset(tmp_path / "d.zip", count=8, labels=False)
+    result = run_train(tmp_path / "run", [f"--data={data}", "--ema_std=,,", "-n"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "--ema_std lists no number" in result.stderr
+
+
+def test_fid_out_is_not_replaced_without_overwrite(tmp_path):
+    """`fid.py calc --out` (and gen's) replaced an existing file."""
+    from tests.detector_fixtures import write_detector
+
+    images = make_dataset(tmp_path / "images.zip", count=10, labels=False)
+    detector = write_detector(tmp_path / "det.pt")
+    out = tmp_path / "r.json"
+    out.write_text('{"kept": true}')
+    args = ["calc", f"--images={images}", "--num=10", "--metrics=is", "--workers=0", f"--detector={detector}",
+            f"--out={out}"]
+    result = CliRunner().invoke(fid.main, args)
+    _one_line_error(result, "exists; pass --overwrite to replace it")
+    assert json.loads(out.read_text()) == {"kept": True}
+    run_fid([*args, "--overwrite"])
+    assert "results" in json.loads(out.read_text())
