@@ -400,7 +400,7 @@ def robustness_command(networks, num, seeds, class_idx, ref, wanted, alphas, ste
         records = distributed.main_only(lambda: robustness.Records.load(out))  # every rank plans; rank 0 alone writes
         reference = det = None
         for network in networks:
-            identity = robustness.file_identity(network.path)
+            identity = util.content_identity(network.path)
             todo = [c for c in cells if records.find(identity, c, robustness.cell_key(c, base), wanted) is None]
             distributed.print0(f"{network.name}: {len(cells) - len(todo)} of {len(cells)} cells in {out}, {len(todo)} to do")
             for cell in todo:
@@ -421,7 +421,7 @@ def robustness_command(networks, num, seeds, class_idx, ref, wanted, alphas, ste
 
 def _robustness_report(records, networks, cells, base, wanted, table, plot) -> None:
     """Rank 0: the table per metric (printed and written) and the plot of the first metric."""
-    identities = {robustness.file_identity(n.path) for n in networks}
+    identities = {util.content_identity(n.path) for n in networks}
     keys = [json.dumps(robustness.cell_key(c, base), sort_keys=True) for c in cells]
     mine = [r for r in records.records if r["identity"] in identities and json.dumps(r["settings"], sort_keys=True) in keys]
     text = "\n".join(robustness.markdown_table(name, robustness.curves(mine, name)) for name in wanted)

@@ -259,6 +259,24 @@ def _fetch(requests, url: str, target: Path, sha256: str | None, timeout_s: floa
                 )
 
 
+@functools.lru_cache(maxsize=4096)
+def _content_identity(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return f"sha256:{sha256_of(Path(path))}"
+
+
+def content_identity(path_or_url: str | os.PathLike) -> str:
+    """What identifies a file's contents in records (cached results): 'sha256:<hex>' of a local file (hashed once per
+    size and modification time in a process), a URL as it is (its cache holds one version), a folder's absolute
+    path (a dataset folder is not hashed)."""
+    if is_url(path_or_url):
+        return str(path_or_url)
+    path = Path(path_or_url).expanduser().absolute()
+    if not path.is_file():
+        return str(path)
+    stat = path.stat()
+    return _content_identity(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
 def sha256_of(path: Path) -> str:
     """The SHA-256 of a file, hex, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -129,6 +129,31 @@ def test_records_are_reused_only_with_the_same_settings(setup, finished, tmp_pat
     assert ("have other settings: kept, not used" in result.output) == (added > 0)
 
 
+def test_a_replaced_network_or_reference_is_evaluated_again(setup, finished, tmp_path, count_evaluations):
+    """Records are keyed by contents: a snapshot rewritten under its name (reconstruct_phema.py --overwrite) or a --ref
+    file whose contents changed gives new evaluations, not the old FID (issue 25)."""
+    root = tmp_path / "copy"
+    shutil.copytree(setup["run"], root)
+    out = tmp_path / "sweep.json"
+    ref = tmp_path / "ref.npz"
+    shutil.copy(setup["root"] / "ref.npz", ref)
+    common = [f"--ref={ref}" if c.startswith("--ref=") else c for c in setup["common"]]
+    args = ["sweep", f"--networks={root / RUN[0]}", "--seeds=0-9", f"--out={out}", *common]
+    run(args)
+    assert count_evaluations["count"] == 1
+    run(args)
+    assert count_evaluations["count"] == 1  # unchanged: reused
+    torch.manual_seed(99)
+    checkpoint.save_network(root / RUN[0], tiny_network())
+    run(args)
+    assert count_evaluations["count"] == 2
+    with np.load(ref) as data:
+        moments = {k: data[k] for k in data.files}
+    np.savez(ref, **{**moments, "features": moments["features"][::-1].copy()})  # other contents, same path
+    run(args)
+    assert count_evaluations["count"] == 3 and len(records(out)) == 3  # the older records kept, unused
+
+
 def test_a_sweep_of_fewer_ranges_reuses_the_records(setup, finished, tmp_path, count_evaluations):
     """One of the two ranges again: nothing evaluated, the table has that range only."""
     out = tmp_path / "sweep.json"
@@ -140,7 +165,8 @@ def test_a_sweep_of_fewer_ranges_reuses_the_records(setup, finished, tmp_path, c
 
 def _record(name, seeds, value, metric):
     key = {"fid": "fid", "is": "is_mean"}[metric]
-    return {"network": f"/runs/{name}", "seeds": seeds, "settings": {}, "metrics": [metric], "results": {key: value}}
+    return {"network": f"/runs/{name}", "identity": f"/runs/{name}",  # no such file: its path is its identity
+            "seeds": seeds, "settings": {}, "metrics": [metric], "results": {key: value}}
 
 
 @pytest.mark.parametrize("metric, higher", [("fid", False), ("is", True)])

@@ -77,13 +77,6 @@ class Study:
         return cells
 
 
-def file_identity(path: str) -> str:
-    """What records compare for a network: 'sha256:<hex>' of a local file's bytes, a URL as it is."""
-    if util.is_url(path):
-        return path
-    return f"sha256:{util.sha256_of(Path(path))}"
-
-
 def cell_key(cell: Cell, settings: dict) -> dict:
     """The settings a record must share to be reused: `settings` (reference, detector, guidance, ...) and the cell's
     sampler and quantisation, as JSON reads them."""

@@ -13,8 +13,10 @@ EDM's users score a model on several seed ranges and report the best or the spre
 2024, figure 5) chooses the EMA length after training by plotting FID against sigma_rel and training time. A
 sweep evaluates each network for each seed range, one evaluation at a time, and writes its record to the JSON
 file as soon as it is known, so a killed sweep loses at most the evaluation in progress and a rerun computes only
-what is missing. A record is reused only when its settings (reference, detector, sampler, guidance, precision,
-class) are the same and it holds the metrics asked for; records of other settings stay in the file, unused.
+what is missing. A record is reused only for the same network file contents (SHA-256: a snapshot replaced under
+the same name, as `reconstruct_phema.py --overwrite` does, is evaluated again), the same settings (reference path
+and contents, detector, sampler, guidance, precision, class) and when it holds the metrics asked for; records of
+other settings stay in the file, unused.
 """
 
 from __future__ import annotations
@@ -153,10 +155,11 @@ def _identity(path: str | None) -> str | None:
 def settings(ref: str | None, detector_source: str | None, sampler: SamplerSettings, guidance: float = 1.0,
              gnet: str | None = None, precision: str = "tf32", class_idx: int | None = None,
              quantize_bits: int | None = None) -> dict:
-    """What records must share to be reused: reference, detector, sampler, guidance, precision, class, quantisation
-    (as JSON reads it)."""
+    """What records must share to be reused: reference (its path and its contents), detector, sampler, guidance,
+    precision, class, quantisation (as JSON reads it)."""
     guided = float(guidance) != 1.0
-    value = {"ref": _identity(ref), "detector": _identity(metrics.detector.resolve_source(detector_source)),
+    value = {"ref": _identity(ref), "ref_content": None if ref is None else util.content_identity(ref),
+             "detector": _identity(metrics.detector.resolve_source(detector_source)),
              "sampler": {"solver": sampler.solver, **sampler.options}, "guidance": float(guidance),
              "gnet": _identity(gnet) if guided else None, "precision": precision, "class": class_idx}
     if quantize_bits is not None and int(quantize_bits) < quantize.FULL_PRECISION_BITS:
@@ -169,7 +172,8 @@ def settings(ref: str | None, detector_source: str | None, sampler: SamplerSetti
 
 def record(network: Snapshot, seeds: range, names: Sequence[str], key: dict, score: evaluation.Score) -> dict:
     """The record of one evaluation (`evaluation.score`) of a network on a seed range with the settings `key`."""
-    return {"network": network.path, "kimg": network.kimg, "sigma_rel": network.sigma_rel, "seeds": evaluation.seed_ranges_text(seeds),
+    return {"network": network.path, "identity": util.content_identity(network.path), "kimg": network.kimg,
+            "sigma_rel": network.sigma_rel, "seeds": evaluation.seed_ranges_text(seeds),
             "metrics": list(names), "settings": key, "results": score.results, "num": score.num,
             "seconds": round(score.seconds, 3), "nfe_per_batch": score.nfe_per_batch,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -202,9 +206,10 @@ class Records:
 
     def find(self, network: Snapshot, seeds: range, key: dict, names: Sequence[str]) -> dict | None:
         """The record of `network` on `seeds` with the settings `key` holding the metrics `names`, or None."""
-        text = evaluation.seed_ranges_text(seeds)
+        text, identity = evaluation.seed_ranges_text(seeds), util.content_identity(network.path)
         for r in self.records:
-            if r["network"] == network.path and r["seeds"] == text and r["settings"] == key and set(names) <= set(r["metrics"]):
+            if (r["network"], r.get("identity"), r["seeds"], r["settings"]) == (network.path, identity, text, key) \
+                    and set(names) <= set(r["metrics"]):
                 return r
         return None
 
@@ -215,7 +220,7 @@ class Records:
     def add(self, new: dict) -> None:
         """Add a record (replacing those of the same evaluation with fewer metrics) and write the file."""
         def covered(r: dict) -> bool:
-            same = (r["network"], r["seeds"], r["settings"]) == (new["network"], new["seeds"], new["settings"])
+            same = all(r.get(k) == new[k] for k in ("network", "identity", "seeds", "settings"))
             return same and set(r["metrics"]) <= set(new["metrics"])
 
         self.records = [r for r in self.records if not covered(r)] + [new]
