@@ -69,6 +69,13 @@ def check_output(path: str | None, flag: str, overwrite: bool) -> None:
         distributed.main_only(lambda: util.check_output(path, flag, overwrite))
 
 
+def warn_few_images(wanted: list[str], num: int, det) -> None:
+    """Rank 0, stderr: a metric of too few images to mean what it means says so (`metrics.few_images_warnings`)."""
+    if distributed.is_main():
+        for message in metrics.few_images_warnings(wanted, num, det.feature_dim):
+            click.echo(message, err=True)
+
+
 def finish(results: dict, record: dict, out: str | None) -> None:
     """Print the results on rank 0 and write them as JSON (atomically) with --out."""
     if not distributed.is_main():
@@ -150,6 +157,7 @@ def calc(image_path, num_expected, seed, workers, ckpt, end_ckpt, gen_seed, ref,
 
         def score(path: str) -> dict:
             dataset = metrics.image_dataset(path, num_expected, seed)
+            warn_few_images(wanted, len(dataset), det)
             batches = metrics.dataset_batches(dataset, batch_size, workers, progress=True)
             return metrics.evaluate(wanted, metrics.statistics(batches, det, len(dataset), device, wanted), reference, seed)
 
@@ -220,6 +228,7 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, overwrite_out, batch_s
         net = generation.load_guided(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
                                       opts.get("guidance", 1.0), opts.get("quantize_bits"))
         reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
+        warn_few_images(wanted, len(seed_list), det)
         result = evaluation.score(net, seed_list, wanted, reference, det, device, settings, batch_size, class_idx,
                                   opts["precision"], progress=True)
         sampler = dict(solver=settings.solver, **settings.options, nfe_per_batch=result.nfe_per_batch,

@@ -94,3 +94,16 @@ def test_fid_out_is_not_replaced_without_overwrite(tmp_path):
     assert json.loads(out.read_text()) == {"kept": True}
     run_fid([*args, "--overwrite"])
     assert "results" in json.loads(out.read_text())
+
+
+def test_an_fid_of_fewer_images_than_features_says_so(tmp_path):
+    """`fid.py calc` on 2 images printed an FID from a singular covariance without a word."""
+    from tests.detector_fixtures import write_detector
+
+    images = make_dataset(tmp_path / "images.zip", count=2, labels=False)
+    detector = write_detector(tmp_path / "det.pt")
+    run_fid(["ref", f"--data={images}", f"--dest={tmp_path / 'ref.npz'}", f"--detector={detector}", "--workers=0"])
+    result = CliRunner().invoke(fid.main, ["calc", f"--images={images}", "--num=2", "--workers=0",
+                                           f"--detector={detector}", f"--ref={tmp_path / 'ref.npz'}"])
+    assert result.exit_code == 0, result.output
+    assert "warning: FID from 2 images" in result.output and "not comparable" in result.output

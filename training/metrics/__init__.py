@@ -21,7 +21,7 @@ from training.metrics.features import FeatureStats, compute_stats, dataset_batch
 from training.metrics.reference import Reference, check_fits, is_dataset, load_reference, open_reference, save_reference
 
 __all__ = ["METRICS", "FeatureStats", "Metric", "Reference", "check_fits", "compute_stats", "dataset_batches", "detector", "evaluate",
-           "get", "is_dataset", "load_reference", "image_dataset", "open_reference", "parse", "ranking", "reference_needs",
+           "few_images_warnings", "get", "is_dataset", "load_reference", "image_dataset", "open_reference", "parse", "ranking", "reference_needs",
            "save_reference", "statistics"]
 
 METRICS: dict[str, Metric] = {
@@ -61,6 +61,12 @@ def reference_needs(names: Iterable[str]) -> set[str]:
 def statistics(batches, detector, count: int, device, names: Iterable[str]) -> FeatureStats:
     """`compute_stats` keeping the per-image rows the metrics `names` need."""
     return compute_stats(batches, detector, count, device, {row for n in names for row in get(n).keeps})
+
+
+def few_images_warnings(names: Iterable[str], num: int, feature_dim: int) -> list[str]:
+    """What the metrics `names` say of a value from `num` images (e.g. FID from no more images than features)."""
+    found = (get(n).few_images(num, feature_dim) for n in names if get(n).few_images is not None)
+    return [w for w in found if w is not None]
 
 
 def evaluate(names: Iterable[str], stats: FeatureStats, reference: Reference | None, seed: int = 0) -> dict:

@@ -17,7 +17,8 @@ class Metric:
     `compute(stats, reference, seed) -> {name: value}` reads the evaluated images' `FeatureStats` (moments
     always; the per-image rows named in `keeps`) and, when `reference` is set, the `Reference` (its
     moments, or its features); `seed` seeds any random subsets. Networks are ranked (`fid.py sweep`) by the result
-    `score` (default: the registered name), the higher the better with `higher_is_better`.
+    `score` (default: the registered name), the higher the better with `higher_is_better`. `few_images(num,
+    feature_dim)` says when so few images make the value degenerate (a warning the tools print), or returns None.
     """
 
     compute: Callable[..., dict]
@@ -26,6 +27,7 @@ class Metric:
     description: str = ""
     score: str | None = None
     higher_is_better: bool = False
+    few_images: Callable[[int, int], str | None] | None = None  # (images, feature_dim) -> a warning, or None
 
     def __post_init__(self):
         if not self.keeps <= set(KEEPS):

@@ -45,10 +45,20 @@ def _numerically_nonnegative(eigenvalues: np.ndarray) -> np.ndarray:
     return np.where(eigenvalues > tol, eigenvalues, 0.0)
 
 
+def few_images_warning(num: int, feature_dim: int) -> str | None:
+    """What to tell a user whose FID comes from no more images than features (None otherwise): the covariance is
+    then singular and the distance biased upwards, not comparable with a 50,000-image FID."""
+    if num > feature_dim:
+        return None
+    return (f"warning: FID from {num} images: the covariance of {feature_dim} features from them has rank at most "
+            f"{max(num - 1, 0)}, so this FID is biased and not comparable with FIDs of 50,000 images (use more than "
+            f"{feature_dim} images)")
+
+
 def compute(stats, reference, seed: int) -> dict:
     """FID of the evaluated images against the reference moments."""
     mu, sigma = stats.mean_cov()
     return {"fid": fid_from_stats(mu, sigma, reference.mu, reference.sigma)}
 
 
-FID = Metric(compute, reference="moments", description="Fréchet Inception Distance")
+FID = Metric(compute, reference="moments", description="Fréchet Inception Distance", few_images=few_images_warning)
