@@ -107,3 +107,21 @@ def test_an_fid_of_fewer_images_than_features_says_so(tmp_path):
                                            f"--detector={detector}", f"--ref={tmp_path / 'ref.npz'}"])
     assert result.exit_code == 0, result.output
     assert "warning: FID from 2 images" in result.output and "not comparable" in result.output
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_resume_of_a_malicious_file_names_the_refused_global(tmp_path):
+    """Passed on torch's advice to load with weights_only=False."""
+    torch.save({"state": _Evil()}, tmp_path / "training-state-000000.pt")
+    data = make_dataset(tmp_path / "d.zip", count=8, labels=False)
+    result = run_train(tmp_path / "run", [f"--data={data}", f"--resume={tmp_path / 'training-state-000000.pt'}",
+                                          "--duration=0.000004"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "asks for the global posix.system" in result.stderr and "nothing in it was executed" in result.stderr
+    assert "weights_only" not in result.stderr and "pwned" not in result.stdout + result.stderr

@@ -10,9 +10,26 @@ A run's outputs are named by the images seen, in kimg as EDM names them: `networ
 
 from __future__ import annotations
 
+import re
+
 FORMAT, VERSION = "pfgmpp-network", 1
 STATE_FORMAT, STATE_VERSION = "pfgmpp-training-state", 2
 KIMG_PATTERN = r"(?P<kimg>\d+)(?:\.(?P<rest>\d{3}))?"  # a `kimg_label` inside a file name's pattern
+
+
+_REFUSED_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)")
+
+
+def load_failure(error: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one phrase: the global it asks for when it asks for one
+    (a pickle that would run code), else the error's first line, never torch's advice to load unsafely."""
+    text = str(error)
+    found = _REFUSED_GLOBAL.search(text)
+    if found:
+        name = found.group(1) or found.group(2)
+        return f"it asks for the global {name}, which a weights-only load refuses; nothing in it was executed"
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    return first
 
 
 def kimg_label(nimg: int, previous: int | None = None) -> str:

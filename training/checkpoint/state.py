@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dnnlib.util import atomic_write
-from training.checkpoint.formats import FORMAT, KIMG_PATTERN, STATE_FORMAT, STATE_VERSION, label_images
+from training.checkpoint.formats import FORMAT, KIMG_PATTERN, STATE_FORMAT, STATE_VERSION, label_images, load_failure
 from training.checkpoint.network import network_config
 
 STATE_PATTERN = re.compile(rf"^training-state-{KIMG_PATTERN}\.pt$")
@@ -66,8 +66,7 @@ def read_state(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (truncated, random bytes, a pickle that asks for code: nothing ran)
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a readable training state ({reason}); if it was cut short, resume from an "
+        raise ValueError(f"{path} is not a readable training state ({load_failure(error)}); if it was cut short, resume from an "
                          "earlier training-state-*.pt or with --resume=auto; to start from the weights of an EDM / "
                          "PFGM++ checkpoint use --transfer") from None
     if isinstance(state, dict) and state.get("format") == FORMAT:
