@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import torch
 
-from dnnlib.util import EasyDict, atomic_write
+from dnnlib.util import DirectoryLock, EasyDict, atomic_write
 from torch_utils import distributed
 from training import checkpoint
 from training.cli import user_errors
@@ -95,6 +95,17 @@ def command() -> click.Command:
 main = command()
 
 
+RUN_OUTPUTS = ("training-state-*.pt", "network-snapshot-*", "training_options.json", "stats.jsonl", "log.txt",
+               "samples-*.png", "metric-*.jsonl")  # what a run writes into its directory
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """The names of a run's outputs already in `run_dir` (empty when it is new or holds other files only)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted({p.name for pattern in RUN_OUTPUTS for p in run_dir.glob(pattern)})
+
+
 def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path | None:
     """Rank 0's checks before anything is written; returns the training state to resume from, if any.
 
@@ -124,9 +135,14 @@ def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path 
             raise ValueError(f"--resume: {state.name} was trained with other options ({'; '.join(mismatches)}); resume "
                              f"with the options of its training_options.json, or start a new run from its weights with "
                              f"--transfer={state}")
-    elif resume is None and run_dir.is_dir() and any(run_dir.glob("training-state-*.pt")):
-        raise ValueError(f"{run_dir} already holds a run that this one would overwrite: continue it with --resume=auto, "
-                         "or give another --outdir")
+    outputs = run_outputs(run_dir)
+    if state is None and resume is None and outputs:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}) "
+                         "that this one would overwrite: continue it with --resume=auto, or give another --outdir")
+    if state is None and resume == "auto" and outputs and distributed.restart_count() == 0:
+        raise ValueError(f"--resume=auto: {run_dir} holds an earlier run's outputs ({', '.join(outputs[:3])}"
+                         f"{', ...' if len(outputs) > 3 else ''}) but no training state to continue it from; this run "
+                         "would overwrite them: give another --outdir")
     if c.transfer:
         setup.check_transfer(c, dataset)
     return state
@@ -142,9 +158,12 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
                                                 if distributed.is_main() else None))
     with user_errors():
         state = distributed.main_only(lambda: _preflight(c, dataset, run_dir, resume))
+    lock = DirectoryLock(run_dir)
     try:
         if distributed.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
+            with user_errors():
+                lock.acquire()  # one run per directory, until this process ends
             with atomic_write(run_dir / "training_options.json", "w") as f:
                 json.dump(c, f, indent=2)
     except OSError as error:

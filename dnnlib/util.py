@@ -170,6 +170,44 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+class DirectoryLock:
+    """An exclusive lock on a directory (a `.lock` file in it, flock'ed), held until `release` or the process ends,
+    however it ends (the kernel drops the lock of a killed process). The file names its holder (host and pid).
+    On file systems without flock (some NFS mounts) the lock is not taken and `held` says so."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / ".lock"
+        self.file, self.held = None, False
+
+    def acquire(self) -> None:
+        """Take the lock; ValueError naming the holder when another process has it."""
+        import fcntl
+        import socket
+
+        self.file = open(self.path, "a+")  # noqa: SIM115 (kept open: the lock lives as long as the file)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            self.file = None
+            raise ValueError(f"{self.path.parent} is in use by {holder}: wait for it to end, or give another --outdir "
+                             "(two runs in one directory would interleave their stats and overwrite their snapshots)") from None
+        except OSError:  # no flock here: run unlocked rather than not at all
+            return
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"train.py (pid {os.getpid()} on {socket.gethostname()})\n")
+        self.file.flush()
+        self.held = True
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the flock
+            self.file, self.held = None, False
+
+
 def is_url(path_or_url: str | os.PathLike) -> bool:
     """True for http(s):// addresses."""
     return isinstance(path_or_url, str) and re.match(r"^https?://", path_or_url) is not None

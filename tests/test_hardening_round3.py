@@ -125,3 +125,36 @@ def test_resume_of_a_malicious_file_names_the_refused_global(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "asks for the global posix.system" in result.stderr and "nothing in it was executed" in result.stderr
     assert "weights_only" not in result.stderr and "pwned" not in result.stdout + result.stderr
+
+
+def test_a_run_directory_in_use_is_refused_naming_its_holder(tmp_path):
+    """Two train.py in one --outdir --nosubdir both ran, interleaving stats.jsonl and overwriting snapshots."""
+    from dnnlib.util import DirectoryLock
+
+    data = make_dataset(tmp_path / "d.zip", count=8, labels=False)
+    (tmp_path / "run").mkdir()
+    lock = DirectoryLock(tmp_path / "run")
+    lock.acquire()  # this process stands for the first run
+    try:
+        result = run_train(tmp_path / "run", [f"--data={data}", "--duration=0.000004"], check=False)
+    finally:
+        lock.release()
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "is in use by train.py (pid" in result.stderr and "give another --outdir" in result.stderr
+    assert not list((tmp_path / "run").glob("stats.jsonl"))
+    run_train(tmp_path / "run", [f"--data={data}", "--duration=0.000004"])  # released: it runs
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume=auto"]])
+def test_an_old_run_without_states_is_not_overwritten(tmp_path, resume):
+    """--nosubdir into an old run folder whose training states were deleted replaced its snapshots and options and
+    appended to its stats.jsonl, exit 0."""
+    data = make_dataset(tmp_path / "d.zip", count=8, labels=False)
+    run_train(tmp_path / "run", [f"--data={data}", "--duration=0.000004"])
+    for state in (tmp_path / "run").glob("training-state-*.pt"):
+        state.unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    result = run_train(tmp_path / "run", [f"--data={data}", "--duration=0.000004", *resume], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert ("already holds a run" if not resume else "no training state to continue it from") in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
