@@ -158,3 +158,23 @@ def test_an_old_run_without_states_is_not_overwritten(tmp_path, resume):
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert ("already holds a run" if not resume else "no training state to continue it from") in result.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_reconstruct_phema_refuses_snapshots_of_two_runs(tmp_path):
+    """It combined snapshots of two runs of one architecture silently (their provenance names both run directories)."""
+    from click.testing import CliRunner as Runner
+
+    import reconstruct_phema
+    from training import phema
+
+    torch.manual_seed(0)
+    net = tiny_network()
+    for kimg, run in ((1, "runs/a"), (2, "runs/a"), (3, "runs/b")):
+        for sigma_rel in (0.05, 0.1):
+            checkpoint.save_network(tmp_path / phema.snapshot_name(kimg, sigma_rel), net, {"run_dir": run, "kimg": kimg})
+    with pytest.raises(ValueError, match="holds the snapshots of 2 runs: runs/a .*runs/b"):
+        phema.find_snapshots(tmp_path)
+    result = Runner().invoke(reconstruct_phema.main, [f"--indir={tmp_path}", f"--outdir={tmp_path / 'out'}",
+                                                      "--outstd=0.07"])
+    _one_line_error(result, "holds the snapshots of 2 runs")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -246,12 +246,20 @@ def find_snapshots(indir, prefix: str = SNAPSHOT_PREFIX) -> list[Snapshot]:
     indir = Path(indir)
     if not indir.is_dir():
         raise ValueError(f"--indir={indir} is not a folder; give the run directory that holds the snapshots")
-    found = []
+    found, runs = [], {}
     for path in indir.iterdir():
         parsed = parse_snapshot_name(path.name)
         if parsed is not None and parsed[0] == prefix and path.is_file():
-            nimg = parsed[3] if parsed[3] is not None else checkpoint.recorded_images(path)
+            provenance = checkpoint.recorded_provenance(path)
+            kimg = provenance.get("kimg")
+            nimg = parsed[3] if parsed[3] is not None else (round(kimg * 1000) if isinstance(kimg, (int, float)) else None)
             found.append(Snapshot(path, parsed[1], parsed[2], nimg))
+            if isinstance(provenance.get("run_dir"), str):
+                runs.setdefault(provenance["run_dir"], path.name)
+    if len(runs) > 1:
+        named = "; ".join(f"{run} (e.g. {name})" for run, name in sorted(runs.items())[:3])
+        raise ValueError(f"--indir={indir} holds the snapshots of {len(runs)} runs: {named}; a reconstruction combines "
+                         "one run's EMA snapshots: give a folder with one run's")
     if not found:
         raise ValueError(f"no power-function EMA snapshots ({snapshot_name(0, 0.05, prefix).replace('000000', 'NNNNNN')} "
                          f"...) in {indir}; a run writes them when it tracks power-function EMA profiles")

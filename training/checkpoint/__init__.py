@@ -16,10 +16,11 @@ from training.checkpoint.network import (
     network_from_config,
     read_checkpoint,
     recorded_images,
+    recorded_provenance,
     save_network,
 )
 from training.checkpoint.state import STATE_PATTERN, find_resume_state, read_state, state_name, write_state
 
 __all__ = ["FORMAT", "STATE_FORMAT", "STATE_PATTERN", "STATE_VERSION", "VERSION", "find_resume_state", "load_network",
-           "load_weights", "network_config", "network_from_config", "read_checkpoint", "read_state", "recorded_images", "save_network",
+           "load_weights", "network_config", "network_from_config", "read_checkpoint", "read_state", "recorded_images", "recorded_provenance", "save_network",
            "state_name", "write_state"]

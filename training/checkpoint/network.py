@@ -258,6 +258,13 @@ def _to_json_lenient(value: dict) -> dict:
 def recorded_images(path) -> int | None:
     """The images a snapshot of this program was trained on, from its provenance (read without its tensors), or None
     (another program's file, or a snapshot that records no training time)."""
+    kimg = recorded_provenance(path).get("kimg")
+    return None if not isinstance(kimg, (int, float)) else round(kimg * 1000)
+
+
+def recorded_provenance(path) -> dict:
+    """The provenance a snapshot of this program records (its run directory, kimg, ...), read without its tensors;
+    {} for another program's file or a damaged one."""
     path = Path(path)
     try:
         if _is_safetensors(path):
@@ -269,11 +276,11 @@ def recorded_images(path) -> int | None:
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
             config = json.loads(payload["config"]) if isinstance(payload, dict) and payload.get("format") == FORMAT else {}
         else:
-            return None
+            return {}
     except Exception:  # noqa: BLE001 (not ours, or damaged: the name's kimg is what there is)
-        return None
-    kimg = config.get("provenance", {}).get("kimg")
-    return None if not isinstance(kimg, (int, float)) else round(kimg * 1000)
+        return {}
+    provenance = config.get("provenance", {})
+    return provenance if isinstance(provenance, dict) else {}
 
 
 def load_network(path_or_url, device="cpu", entry: str | None = None) -> torch.nn.Module:
