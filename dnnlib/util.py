@@ -132,6 +132,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if error.errno is None or error.filename is not None and str(path) in str(error):
+            raise
+        kept = "its previous version is kept" if path.exists() else "nothing was written"
+        raise OSError(error.errno, f"{error.strerror} while writing {path} ({kept})") from error
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -178,3 +178,24 @@ def test_reconstruct_phema_refuses_snapshots_of_two_runs(tmp_path):
                                                       "--outstd=0.07"])
     _one_line_error(result, "holds the snapshots of 2 runs")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_full_disk_names_the_file_and_what_was_kept(tmp_path, monkeypatch):
+    """Disk full while writing a snapshot was a bare '[Errno 28] No space left on device'."""
+    import errno
+    import os
+
+    from dnnlib import util
+
+    target = tmp_path / "network-snapshot-000010.pt"
+    target.write_bytes(b"the previous snapshot")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device while writing .*network-snapshot-000010.pt "
+                                      r"\(its previous version is kept\)"):
+        with util.atomic_write(target) as f:
+            f.write(b"new")
+    assert target.read_bytes() == b"the previous snapshot" and not util.stale_temporaries(target)
