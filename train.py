@@ -151,6 +151,7 @@ def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path 
 def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, resume: str | None,
            name: str | None = None) -> None:
     from training.train import training_loop
+    from training.train.stats import Diverged
 
     with user_errors():
         distributed.init(timeout_s=c.dist_timeout)
@@ -178,7 +179,10 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
     log.info(f"run directory: {run_dir}")
     try:
         training_loop(c, run_dir, dataset, config.build_loss(c), config.augment_pipe(c), resume=state)
-    except (OSError, distributed.DistributedFailure) as error:
+    except (OSError, distributed.DistributedFailure, Diverged) as error:
+        if distributed.is_main():  # where a batch job's user looks, beside the run's other lines
+            with open(run_dir / "log.txt", "a") as f:
+                f.write(f"Error: {error}\n")
         raise click.ClickException(str(error)) from None
     log.info(f"done: snapshots and sample grids are in {run_dir}")
     distributed.shutdown()

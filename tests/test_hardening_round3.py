@@ -62,10 +62,10 @@ def test_a_picture_or_a_folder_as_the_network_is_named_as_such(net, tmp_path):
 def test_a_network_with_nan_weights_is_refused_before_sampling(tmp_path, solver):
     """Were all-black PNGs with exit 0 (heun) and a solver that never ended (rk45)."""
     torch.manual_seed(0)
-    bad = tiny_network()
-    with torch.no_grad():
-        next(p for n, p in bad.named_parameters() if n.endswith("conv.weight")).view(-1)[0] = math.nan
-    checkpoint.save_network(tmp_path / "nan.pt", bad)
+    checkpoint.save_network(tmp_path / "nan.pt", tiny_network())
+    payload = torch.load(tmp_path / "nan.pt", weights_only=True)  # this program never writes one: another did
+    next(t for n, t in payload["state_dict"].items() if n.endswith("conv.weight")).view(-1)[0] = math.nan
+    torch.save(payload, tmp_path / "nan.pt")
     _one_line_error(_generate(["--network", tmp_path / "nan.pt", "--outdir", tmp_path / "o", "--seeds=0",
                                f"--solver={solver}"]), "weights are not finite")
     assert not list(tmp_path.rglob("*.png"))
@@ -199,3 +199,43 @@ def test_a_full_disk_names_the_file_and_what_was_kept(tmp_path, monkeypatch):
         with util.atomic_write(target) as f:
             f.write(b"new")
     assert target.read_bytes() == b"the previous snapshot" and not util.stale_temporaries(target)
+
+
+def test_a_diverged_run_stops_and_writes_nothing_of_that_tick(tmp_path):
+    """--lr=1e6: loss NaN, most steps with non-finite gradients, exit 0, snapshots of garbage."""
+    data = make_dataset(tmp_path / "d.zip", count=16, labels=False)
+    run = tmp_path / "run"
+    result = run_train(run, [f"--data={data}", "--duration=0.0002", "--lr=1e8", "--batch=4", "--tick=0.008",
+                             "--snap=1", "--dump=1", "--grid=0"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    message = ("training diverged at kimg 0.016 (step 4): the loss is nan. Nothing of this tick was written (its "
+               "statistics are in stats.jsonl); the last training state is training-state-000000.pt: start a new run "
+               f"from its weights with --transfer={run / 'training-state-000000.pt'}")
+    assert message in result.stderr
+    assert sorted(p.name for p in run.glob("*.pt")) == ["network-snapshot-000000.pt", "training-state-000000.pt"]
+    ticks = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [t["loss"] is None for t in ticks] == [False, True]
+    assert message in (run / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("loss, skipped, seen", [
+    (1.0, 0, None), (1.0, 2, None), (1.0, 3, "3 of its 4 steps had non-finite gradients"),
+    (math.inf, 0, "the loss is inf"), (math.nan, 4, "the loss is nan; 4 of its 4 steps had non-finite gradients"),
+])  # fmt: skip
+def test_the_divergence_rule(loss, skipped, seen):
+    from training.train.stats import divergence
+
+    assert divergence({"loss": loss, "steps": 4, "nonfinite_grad_steps": skipped}) == seen
+
+
+def test_weights_that_are_not_finite_are_never_written(tmp_path):
+    torch.manual_seed(0)
+    net = tiny_network()
+    with torch.no_grad():
+        next(net.parameters())[0] = math.nan
+    with pytest.raises(ValueError, match="was not written: the weights are not finite"):
+        checkpoint.save_network(tmp_path / "net.pt", net)
+    with pytest.raises(ValueError, match=r"was not written \(net\): the weights are not finite"):
+        checkpoint.write_state(tmp_path / "state.pt", net=net, ema=tiny_network(), step=0, nimg=0, config={},
+                               optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    assert not list(tmp_path.iterdir())

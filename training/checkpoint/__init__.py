@@ -10,6 +10,7 @@
 
 from training.checkpoint.formats import FORMAT, STATE_FORMAT, STATE_VERSION, VERSION
 from training.checkpoint.network import (
+    check_finite,
     load_network,
     load_weights,
     network_config,
@@ -21,6 +22,6 @@ from training.checkpoint.network import (
 )
 from training.checkpoint.state import STATE_PATTERN, find_resume_state, read_state, state_name, write_state
 
-__all__ = ["FORMAT", "STATE_FORMAT", "STATE_PATTERN", "STATE_VERSION", "VERSION", "find_resume_state", "load_network",
+__all__ = ["FORMAT", "check_finite", "STATE_FORMAT", "STATE_PATTERN", "STATE_VERSION", "VERSION", "find_resume_state", "load_network",
            "load_weights", "network_config", "network_from_config", "read_checkpoint", "read_state", "recorded_images", "recorded_provenance", "save_network",
            "state_name", "write_state"]

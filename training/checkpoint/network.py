@@ -116,14 +116,32 @@ def load_weights(net: torch.nn.Module, state_dict: dict, source: str) -> None:
             tensor.copy_(state_dict[name])
 
 
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of `tensors` holding NaN or inf (one host sync for them all)."""
+    floats = [(n, t) for n, t in tensors.items() if t.is_floating_point()]
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to(floats[0][1].device) for _, t in floats]).tolist()
+    return [n for (n, _), ok in zip(floats, finite) if not ok]
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """ValueError naming the tensors of `what` that hold NaN or inf: weights that are no model, never written as one."""
+    names = nonfinite_tensors(tensors)
+    if names:
+        raise ValueError(f"{what}: the weights are not finite (NaN or inf in {', '.join(names[:3])}"
+                         f"{' and more' if len(names) > 3 else ''})")
+
+
 def save_network(path, net: torch.nn.Module, provenance: dict | None = None) -> None:
-    """Write a snapshot of `net` (config and weights) to `path` atomically.
+    """Write a snapshot of `net` (config and weights) to `path` atomically; weights holding NaN or inf are refused.
 
     A `.safetensors` path gets the safetensors format (the tensors, with the configuration JSON in its metadata),
     any other path this program's `torch.save` format; `load_network` reads both.
     """
     config = network_config(net, provenance)
     state_dict = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+    check_finite(state_dict, f"{path} was not written")
     if Path(path).suffix == ".safetensors":
         from safetensors.torch import save  # noqa: PLC0415 (only this format needs it)
 

@@ -24,7 +24,7 @@ import torch
 
 from dnnlib.util import atomic_write
 from training.checkpoint.formats import FORMAT, KIMG_PATTERN, STATE_FORMAT, STATE_VERSION, label_images, load_failure
-from training.checkpoint.network import network_config
+from training.checkpoint.network import check_finite, network_config
 
 STATE_PATTERN = re.compile(rf"^training-state-{KIMG_PATTERN}\.pt$")
 
@@ -40,7 +40,8 @@ def _cpu(state_dict: dict) -> dict:
 
 def write_state(path, *, net, ema, optimizer, step: int, nimg: int, config: dict, phema: dict | None = None) -> None:
     """Write a training state atomically: the network `net` and its average `ema` (modules), the optimizer, the
-    position and the configuration; `phema`: the power-function EMAs' `state_dict()`."""
+    position and the configuration; `phema`: the power-function EMAs' `state_dict()`. Weights holding NaN or inf are
+    refused (`check_finite`)."""
     state = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -54,6 +55,9 @@ def write_state(path, *, net, ema, optimizer, step: int, nimg: int, config: dict
     }
     if phema is not None:
         state["phema"] = {"sigma_rel": phema["sigma_rel"], "ema": [_cpu(sd) for sd in phema["ema"]]}
+    for key, tensors in (("net", state["net"]), ("ema", state["ema"]), *((f"phema {i}", sd) for i, sd in
+                                                                         enumerate(state.get("phema", {}).get("ema", [])))):
+        check_finite(tensors, f"{path} was not written ({key})")
     with atomic_write(path) as f:
         torch.save(state, f)
 

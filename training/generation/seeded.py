@@ -62,13 +62,10 @@ def check_network_options(net, aug_dim: float | None = None, pfgmpp: bool | None
 def check_finite_weights(net, where: str) -> None:
     """ValueError when a parameter or buffer holds NaN or inf: such a network samples black images (or, with rk45,
     never ends) rather than failing. One check when the network is loaded (a single host sync)."""
-    tensors = [(n, t) for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_floating_point()]
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]) if tensors else torch.ones(0, dtype=torch.bool)
-    if not bool(finite.all()):
-        names = [n for (n, _), ok in zip(tensors, finite.tolist()) if not ok]
-        raise ValueError(f"{where}: the network's weights are not finite (NaN or inf in {', '.join(names[:3])}"
-                         f"{' and more' if len(names) > 3 else ''}); it cannot sample. Was its training diverging? "
-                         "Use an earlier snapshot")
+    try:
+        checkpoint.check_finite({**dict(net.named_parameters()), **dict(net.named_buffers())}, where)
+    except ValueError as error:
+        raise ValueError(f"{error}; it cannot sample. Was its training diverging? Use an earlier snapshot") from None
 
 
 def check_image_shape(net, image_shape, where: str) -> None:

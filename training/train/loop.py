@@ -22,7 +22,7 @@ from training.checkpoint.formats import kimg_label
 from training.train import data, setup, snapshot
 from training.train.ema import Averages
 from training.train.report import Reporter
-from training.train.stats import TickStats
+from training.train.stats import Diverged, TickStats, divergence
 from training.train.step import TrainStep, optimizer
 from training.train.stop import StopFlag, StopVote
 
@@ -84,6 +84,9 @@ def training_loop(c: dict, run_dir: str | os.PathLike, dataset, loss_fn, augment
                 if nimg > tick_start[0]:
                     last = reporter.tick(tick, step, nimg, tick_start)
                     tick += 1
+                    seen = divergence(last)  # every rank holds the same reduced statistics: they stop together
+                    if seen is not None:
+                        raise Diverged(_diverged_message(run_dir, seen, last))
 
                 # Snapshot: the averages and a sample grid, a training state every --dump ticks, the metrics.
                 snap = done or bool(c["snap"] and tick % c["snap"] == 0)
@@ -128,3 +131,13 @@ def _save_state(c: dict, run_dir: Path, net, averages: Averages, opt, step: int,
     except OSError as error:
         raise OSError(f"could not write {path} ({error}); earlier states in {run_dir} are intact") from None
     return path
+
+
+def _diverged_message(run_dir: Path, seen: str, stats: dict) -> str:
+    """What a diverged run says: what was seen, that nothing of the tick was written, and where to go on from."""
+    state = checkpoint.find_resume_state(run_dir) if distributed.is_main() else None
+    change = "a lower --lr, a longer --lr_rampup or --precision=fp32"
+    where = (f"the last training state is {state.name}: start a new run from its weights with --transfer={state} and "
+             f"{change}" if state is not None else f"no training state was written before it: start again with {change}")
+    return (f"training diverged at kimg {stats['kimg']:.3f} (step {stats['step']}): {seen}. Nothing of this tick was "
+            f"written (its statistics are in stats.jsonl); {where}")

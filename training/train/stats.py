@@ -83,3 +83,25 @@ def moments(count: float, total: float, squares: float) -> dict:
         return {"mean": math.nan, "std": math.nan}
     mean = total / count
     return {"mean": mean, "std": math.sqrt(max(squares / count - mean * mean, 0.0))}
+
+
+NONFINITE_SHARE = 0.5  # a tick with more than this share of steps skipped for non-finite gradients has diverged
+
+
+class Diverged(RuntimeError):
+    """Training has diverged (`divergence`): the run stops, writing nothing of the tick that showed it."""
+
+
+def divergence(stats: dict) -> str | None:
+    """What shows that the run has diverged in a tick's reduced statistics (the same on every rank), or None.
+
+    The rule: the tick's mean loss is NaN or inf, or more than NONFINITE_SHARE of its optimizer steps had non-finite
+    gradients (those steps were skipped: a few are what fp16 and rare outliers give, most of them are a dead run).
+    """
+    seen = []
+    if not math.isfinite(stats["loss"]):
+        seen.append(f"the loss is {stats['loss']}")
+    steps, skipped = stats["steps"], stats["nonfinite_grad_steps"]
+    if steps and skipped > NONFINITE_SHARE * steps:
+        seen.append(f"{skipped} of its {steps} steps had non-finite gradients")
+    return "; ".join(seen) or None
