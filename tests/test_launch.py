@@ -309,3 +309,13 @@ def test_sigterm_to_the_job_saves_a_state_and_every_rank_exits_cleanly(data, ref
     code, output = launch(train_args(data, tmp_path), NPROC_PER_NODE="2")
     assert code == 0 and "(step 16)" in output, output
     assert_same_training(tmp_path, reference)
+
+
+def test_a_user_error_under_the_launcher_is_one_line_per_worker_and_a_summary(tmp_path):
+    """torchrun printed its ChildFailedError traceback and report after the workers' own one-line errors."""
+    code, output = launch([f"--outdir={tmp_path}", *TINY, f"--data={tmp_path / 'missing.zip'}"], NPROC_PER_NODE="2")
+    assert code == 1, output
+    assert output.count(f"Error: dataset {tmp_path / 'missing.zip'} does not exist") == 2, output
+    assert re.search(r"launch/elastic\.py: train\.py failed: rank [01] \(local rank [01], pid \d+\) ended with exit "
+                     r"status 1 and 1 other worker\(s\) failed; its error is printed above", output), output
+    assert "Traceback" not in output and "ChildFailedError" not in output and "signal handlers" not in output
