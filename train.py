@@ -19,7 +19,7 @@ import torch
 from dnnlib.util import DirectoryLock, EasyDict, atomic_write
 from torch_utils import distributed
 from training import checkpoint
-from training.cli import user_errors
+from training.cli import error_message, user_errors
 from training.cli.options import click_options
 from training.train import config
 from training.train.options import OPTIONS
@@ -150,6 +150,7 @@ def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path 
 
 def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, resume: str | None,
            name: str | None = None) -> None:
+    from training.datasets.format import DatasetError
     from training.train import training_loop
     from training.train.stats import Diverged
 
@@ -179,11 +180,12 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
     log.info(f"run directory: {run_dir}")
     try:
         training_loop(c, run_dir, dataset, config.build_loss(c), config.augment_pipe(c), resume=state)
-    except (OSError, distributed.DistributedFailure, Diverged) as error:
+    except (OSError, distributed.DistributedFailure, Diverged, DatasetError) as error:  # an image unreadable mid-run
+        message = error_message(error)
         if distributed.is_main():  # where a batch job's user looks, beside the run's other lines
             with open(run_dir / "log.txt", "a") as f:
-                f.write(f"Error: {error}\n")
-        raise click.ClickException(str(error)) from None
+                f.write(f"Error: {message}\n")
+        raise click.ClickException(message) from None
     log.info(f"done: snapshots and sample grids are in {run_dir}")
     distributed.shutdown()
 

@@ -3,6 +3,7 @@ replacement, black PNGs, a profile list that tracks nothing) and is now one line
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -239,3 +240,138 @@ def test_weights_that_are_not_finite_are_never_written(tmp_path):
         checkpoint.write_state(tmp_path / "state.pt", net=net, ema=tiny_network(), step=0, nimg=0, config={},
                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
     assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# Data is what the user sees: turned as viewers turn it, each image once, the same images in the tool and the loader.
+
+
+def _folder(root, names, size=(4, 4)):
+    """PNGs of distinct colours at `names` below `root`."""
+    import numpy as np
+    import PIL.Image
+
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(np.full((*size[::-1], 3), 20 * i + 10, dtype=np.uint8)).save(root / name)
+    return root
+
+
+def _dataset_tool(*args):
+    import dataset_tool
+
+    return CliRunner().invoke(dataset_tool.main, [str(a) for a in args])
+
+
+def test_exif_rotated_jpegs_are_stored_as_viewers_show_them(tmp_path):
+    """A camera's JPEG with EXIF orientation 6 was stored as its sensor wrote it: turned 90 degrees."""
+    import numpy as np
+    import PIL.Image
+    import PIL.ImageOps
+
+    from training.datasets import ImageFolderDataset
+
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)  # white on the left, black on the right, as the sensor wrote it
+    pixels[:, :4] = 255
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view"
+    src = tmp_path / "photos"
+    src.mkdir()
+    PIL.Image.fromarray(pixels).save(src / "a.jpg", exif=exif, quality=100)
+    with PIL.Image.open(src / "a.jpg") as image:
+        viewed = np.asarray(PIL.ImageOps.exif_transpose(image))  # what a viewer shows: white on top
+    assert viewed[:4].mean() > 200 and viewed[4:].mean() < 50
+    result = _dataset_tool(f"--source={src}", f"--dest={tmp_path / 'd.zip'}")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(ImageFolderDataset(tmp_path / "d.zip")[0][0].transpose(1, 2, 0), viewed)
+    assert np.array_equal(ImageFolderDataset(src)[0][0].transpose(1, 2, 0), viewed)  # the loader on the JPEG folder
+
+
+@pytest.mark.parametrize("link, message", [
+    ("a/loop", "a folder that contains it: its images would be read more than once; remove the link"),
+    ("again", "(one of them a symbolic link): its images would be read more than once; remove the link"),
+])  # fmt: skip
+def test_a_folder_reached_twice_through_links_is_an_error(tmp_path, link, message):
+    """A symlink loop turned 4 files into 164 images."""
+    from training.datasets import DatasetError, ImageFolderDataset
+
+    src = _folder(tmp_path / "src", ["a/0.png", "a/1.png", "b/2.png", "b/3.png"])
+    (src / link).symlink_to(src if link == "a/loop" else src / "a", target_is_directory=True)
+    result = _dataset_tool(f"--source={src}", f"--dest={tmp_path / 'd.zip'}")
+    assert result.exit_code == 1 and "Traceback" not in result.output and message in result.output, result.output
+    assert not (tmp_path / "d.zip").exists()
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        ImageFolderDataset(src)
+
+
+def test_a_symlinked_subfolder_is_read_by_the_tool_and_the_loader_alike(tmp_path):
+    """dataset_tool.py followed a linked class folder, the training loader did not: half the images, no labels."""
+    import json as json_
+
+    import numpy as np
+
+    from training.datasets import ImageFolderDataset
+
+    src = _folder(tmp_path / "src", ["cat/0.png", "cat/1.png"])
+    (src / "dog").symlink_to(_folder(tmp_path / "elsewhere", ["dog/2.png", "dog/3.png"]) / "dog", target_is_directory=True)
+    (src / "dataset.json").write_text(json_.dumps({"labels": [[f"{k}/{i}.png", int(k == "dog")] for k, i in
+                                                              (("cat", 0), ("cat", 1), ("dog", 2), ("dog", 3))]}))
+    result = _dataset_tool(f"--source={src}", f"--dest={tmp_path / 'd.zip'}")
+    assert result.exit_code == 0, result.output
+    tool = ImageFolderDataset(tmp_path / "d.zip", use_labels=True)
+    loader = ImageFolderDataset(src, use_labels=True)
+    assert len(tool) == len(loader) == 4
+    for i in range(4):
+        assert np.array_equal(tool[i][0], loader[i][0]) and np.array_equal(tool[i][1], loader[i][1])
+    assert [int(loader.get_label(i).argmax()) for i in range(4)] == [0, 0, 1, 1]
+
+
+def test_a_dest_inside_the_source_folder_is_refused(tmp_path):
+    """Rerun, a --dest inside --source ingested its own output."""
+    src = _folder(tmp_path / "src", ["0.png", "1.png"])
+    for dest in (src / "out", src / "sub" / "d.zip"):
+        result = _dataset_tool(f"--source={src}", f"--dest={dest}")
+        assert result.exit_code == 1 and "lies inside the source folder" in result.output, result.output
+        assert not dest.exists()
+    assert sorted(p.name for p in src.iterdir()) == ["0.png", "1.png"]
+
+
+def _damaged_zip(tmp_path, how):
+    """An EDM-format ZIP of 8 images whose fourth PNG is cut short (`how` = "cut") or has a broken IDAT."""
+    import zipfile
+
+    data = make_dataset(tmp_path / "good.zip", count=8, labels=False)
+    out = tmp_path / f"{how}.zip"
+    with zipfile.ZipFile(data) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dest:
+        for i, info in enumerate(n for n in source.infolist() if not n.is_dir()):
+            raw = source.read(info)
+            if i == 3 and info.filename.endswith(".png"):
+                raw = raw[: len(raw) // 2] if how == "cut" else raw[:41] + bytes(b ^ 0xFF for b in raw[41:-12]) + raw[-12:]
+            dest.writestr(info.filename, raw)
+    return out
+
+
+def test_a_cut_short_png_is_found_before_training_and_fid(tmp_path):
+    """It passed train.py's check and crashed mid-training with a traceback; fid.py printed the worker's traceback."""
+    data = _damaged_zip(tmp_path, "cut")
+    result = run_train(tmp_path / "run", [f"--data={data}", "--duration=0.000016", "--batch=4", "--workers=1"],
+                       check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "is cut short (a PNG without its end)" in result.stderr and not (tmp_path / "run").exists()
+    result = run_fid(["ref", f"--data={data}", f"--dest={tmp_path / 'ref.npz'}", "--workers=1"], ok=False)
+    assert "is cut short (a PNG without its end)" in result.output and not (tmp_path / "ref.npz").exists()
+
+
+def test_an_image_unreadable_mid_run_is_one_line(tmp_path):
+    """A PNG with its end intact but broken data is found only when decoded, in a DataLoader worker."""
+    from tests.detector_fixtures import write_detector
+
+    data = _damaged_zip(tmp_path, "broken")
+    result = run_train(tmp_path / "run", [f"--data={data}", "--duration=0.000016", "--batch=4", "--workers=1"],
+                       check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: cannot read "), result.stderr
+    assert "rebuild the dataset with dataset_tool.py" in result.stderr and "DataLoader worker" not in result.stderr
+    result = run_fid(["ref", f"--data={data}", f"--dest={tmp_path / 'ref.npz'}", "--workers=1",
+                      f"--detector={write_detector(tmp_path / 'det.pt')}"], ok=False)
+    assert "Error: cannot read " in result.output and "Original Traceback" not in result.output, result.output

@@ -28,6 +28,20 @@ import click  # this package imports no torch: dataset_tool.py starts fast
 DEBUG_ENV = "PFGMPP_DEBUG"
 
 
+WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"  # how a DataLoader worker's error is passed on
+
+
+def error_message(error: BaseException) -> str:
+    """The text of a library error; for one raised in a DataLoader worker (which torch passes on as the same type,
+    its message the worker's whole traceback) the original message alone."""
+    text = str(error)
+    if WORKER_TRACEBACK not in text:
+        return text
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    kind, _, message = last.partition(": ")
+    return message if message and kind.rsplit(".", 1)[-1] == type(error).__name__ else last
+
+
 @contextlib.contextmanager
 def user_errors(usage: bool = False) -> Iterator[None]:
     """Turn the library's errors for bad input (ValueError, OSError) into a one-line click error."""
@@ -36,7 +50,7 @@ def user_errors(usage: bool = False) -> Iterator[None]:
     except (ValueError, OSError) as error:
         if os.environ.get(DEBUG_ENV):
             raise
-        raise (click.UsageError if usage else click.ClickException)(str(error)) from None
+        raise (click.UsageError if usage else click.ClickException)(error_message(error)) from None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ def _sort_key(name: str) -> list[str]:
 def open_image_source(path: Path, labels_from_folders: bool, *, kind: str) -> Source:
     """An image folder (recursive; kind "folder") or a ZIP of images ("zip"), labelled by dataset.json or subfolders."""
     if kind == "folder":
-        names = list_files(path, follow_links=True)
+        names = list_files(path)
         has_json = (path / LABELS_FILE).is_file()
         read_json = (path / LABELS_FILE).read_bytes
     else:

@@ -17,9 +17,11 @@ from pathlib import PurePosixPath
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 LABELS_FILE = "dataset.json"
 IMAGES_PER_FOLDER = 1000
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a picture is to be turned for viewing
 MAX_CLASSES = 2**20  # class indices are below this: a one-hot label of 2**20 floats is 4 MiB per image
 
 
@@ -46,18 +48,39 @@ def is_image_name(name: str) -> bool:
     return path.suffix.lower() in _readable_extensions()
 
 
-def list_files(root: str | os.PathLike, follow_links: bool = False) -> list[str]:
-    """The '/'-separated names, relative to `root`, of every file below it; a folder it cannot list is an error."""
+def list_files(root: str | os.PathLike) -> list[str]:
+    """The '/'-separated names, relative to `root`, of every file below it, through symbolic links to folders.
+
+    A folder it cannot list is an error, and so is a folder reached twice (a link to a folder that contains it, a
+    loop, or two links to one folder): its images would be read again and again, or twice.
+    """
 
     def fail(error: OSError) -> None:
         elsewhere = "" if os.path.abspath(error.filename) == os.path.abspath(root) else f", or move it out of {root}"
         raise DatasetError(f"cannot list {error.filename} ({error.strerror or error}); make it readable{elsewhere}")
 
-    return [
-        os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-        for folder, _dirs, files in os.walk(root, onerror=fail, followlinks=follow_links)
-        for name in files
-    ]
+    names, reached = [], {os.path.realpath(root): os.fspath(root)}
+    for folder, dirs, files in os.walk(root, onerror=fail, followlinks=True):
+        for name in list(dirs):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            here = os.path.realpath(folder)
+            if here == real or here.startswith(real + os.sep):
+                why = f"a symbolic link to {real}, a folder that contains it"
+            elif real in reached:
+                why = f"the same folder as {reached[real]} (one of them a symbolic link)"
+            else:
+                reached[real] = path
+                continue
+            raise DatasetError(f"{path} is {why}: its images would be read more than once; remove the link")
+        names.extend(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/") for name in files)
+    return names
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` as viewers show it: turned by its EXIF orientation (a camera's JPEG, say), which is then dropped."""
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return PIL.ImageOps.exif_transpose(image) if orientation not in (1, None) else image
 
 
 def labels_json(labels: list[tuple[str, int]] | None) -> str:
@@ -105,9 +128,18 @@ def parse_labels_json(text: str | bytes, where: str) -> dict[str, int] | None:
 PNG_HEADER_BYTES = 26  # signature, IHDR length and type, width, height, bit depth, colour type
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every complete PNG
+
+
+def png_complete(tail: bytes) -> bool:
+    """Whether a PNG file's last len(PNG_END) bytes are its closing IEND chunk (a truncated file's are not)."""
+    return tail == PNG_END
+
+
 def png_shape(head: bytes) -> tuple[int, int, int] | None:
     """[C, H, W] of an 8-bit grayscale or RGB PNG from its first PNG_HEADER_BYTES bytes; None for anything else."""
-    if len(head) < PNG_HEADER_BYTES or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+    if len(head) < PNG_HEADER_BYTES or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     width, height, depth, colour = struct.unpack(">IIBB", head[16:PNG_HEADER_BYTES])
     channels = {(8, 0): 1, (8, 2): 3}.get((depth, colour))  # PIL's 'L' and 'RGB'; other kinds need PIL to tell

@@ -21,14 +21,18 @@ from tqdm import tqdm
 
 from training.datasets.format import (
     LABELS_FILE,
+    PNG_END,
     PNG_HEADER_BYTES,
+    PNG_SIGNATURE,
     DatasetError,
     image_array,
     image_channels,
     is_image_name,
     list_files,
     parse_labels_json,
+    png_complete,
     png_shape,
+    upright,
 )
 
 
@@ -142,12 +146,19 @@ class ImageFolderDataset:
         name = self._image_names[raw_idx]
         with self._reading(name) as where, self._open(name) as f, PIL.Image.open(f) as image:
             image.load()
-            return image_array(image, where)
+            return image_array(upright(image), where)
 
     def _header_shape(self, name: str) -> list[int]:
-        """[C, H, W] of an image from its header: a PNG's IHDR chunk, or what PIL reads without decoding."""
+        """[C, H, W] of an image from its header: a PNG's IHDR chunk, or what PIL reads without decoding. A PNG must
+        also end with its IEND chunk: a file cut short would pass the header and fail mid-training."""
         with self._reading(name) as where, self._open(name) as f:
-            shape = png_shape(f.read(PNG_HEADER_BYTES))
+            head = f.read(PNG_HEADER_BYTES)
+            if head.startswith(PNG_SIGNATURE):
+                f.seek(-len(PNG_END), os.SEEK_END)
+                if not png_complete(f.read(len(PNG_END))):
+                    raise DatasetError(f"{where} is cut short (a PNG without its end); rebuild the dataset with "
+                                       "dataset_tool.py, or copy it again")
+            shape = png_shape(head)
             if shape is not None:
                 return list(shape)
             f.seek(0)

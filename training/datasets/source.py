@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from training.datasets.format import upright
+
 
 @dataclass(frozen=True)
 class SourceItem:
@@ -63,14 +65,14 @@ def image_from_array(array: np.ndarray) -> PIL.Image.Image:
 
 
 def image_from_bytes(data: bytes) -> PIL.Image.Image:
-    """The decoded image of an encoded file's bytes (PNG, JPEG, ...)."""
+    """The decoded image of an encoded file's bytes (PNG, JPEG, ...), turned upright (`upright`)."""
     image = PIL.Image.open(io.BytesIO(data))
     image.load()  # decode now: a truncated or corrupt file fails here, not later
-    return image
+    return upright(image)
 
 
 def image_from_file(path: Path) -> PIL.Image.Image:
-    """The decoded image of a file, closed again."""
+    """The decoded image of a file, closed again, turned upright (`upright`)."""
     with PIL.Image.open(path) as image:
         image.load()
-    return image
+        return upright(image)

@@ -22,7 +22,8 @@ OLD_PREFIX = ".old-"  # an existing dataset waits under temporary_path(".old-<na
 
 
 def check_destination(dest: str | os.PathLike, *, overwrite: bool, source: str | None = None) -> Path:
-    """Validate --dest: not empty, not an existing dataset (unless `overwrite`), never the source itself."""
+    """Validate --dest: not empty, not an existing dataset (unless `overwrite`), never the source itself nor inside
+    a source folder."""
     if not str(dest).strip():
         raise DatasetError("--dest must name a .zip file or a folder")
     path = Path(dest).expanduser()
@@ -43,6 +44,9 @@ def check_destination(dest: str | os.PathLike, *, overwrite: bool, source: str |
         src, dst = Path(source).resolve(), path.resolve()
         if src == dst or dst in src.parents:
             raise DatasetError(f"--dest {dest} would replace the source {source}; choose a --dest outside the source")
+        if src.is_dir() and src in dst.parents:
+            raise DatasetError(f"--dest {dest} lies inside the source folder {source}: a later run would read this "
+                               "output as images of the source; choose a --dest outside the source")
     return path
 
 

@@ -108,10 +108,12 @@ def compute_stats(
 
 
 def image_dataset(path: str, num: int | None = None, seed: int = 0) -> ImageFolderDataset:
-    """The images of a folder or ZIP; with `num`, a seeded choice of exactly num of them (EDM's subset)."""
+    """The images of a folder or ZIP; with `num`, a seeded choice of exactly num of them (EDM's subset). Their
+    headers are checked first (`ImageFolderDataset.check_images`): an odd or cut-short image is found before any work."""
     dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:
         raise DatasetError(f"found {len(dataset)} images in {path}, but --num={num}; generate more or lower --num")
+    dataset.check_images()
     return dataset
 
 
