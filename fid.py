@@ -227,6 +227,7 @@ def gen(network, num, seeds, class_idx, ref, wanted, out, overwrite_out, batch_s
         check_output(out, "--out", overwrite_out)
         net = generation.load_guided(network, device, opts.get("aug_dim"), opts.get("pfgmpp"), class_idx, opts.get("gnet"),
                                       opts.get("guidance", 1.0), opts.get("quantize_bits"))
+        settings.check(net)  # before the detector and reference are loaded
         reference, det = _reference_and_detector(ref, wanted, detector_source, device, batch_size)
         warn_few_images(wanted, len(seed_list), det)
         result = evaluation.score(net, seed_list, wanted, reference, det, device, settings, batch_size, class_idx,

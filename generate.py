@@ -53,9 +53,13 @@ def check_outputs(outdir: Path | None, grid: str | None, paths, overwrite: bool)
     """Before any sampling: --outdir can be written, and no file of the user's (the PNGs or latents to be written,
     the --grid) is replaced without --overwrite; ValueError saying what to do."""
     if outdir is not None:
+        folder = outdir
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # created when the first image is written: an error before leaves no empty folder
         try:
-            outdir.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-test-"):
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{folder} is not a folder")
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
                 pass
         except OSError as error:
             raise ValueError(f"cannot write to --outdir {outdir}: {error.strerror or error}; choose another folder") from None
@@ -142,6 +146,8 @@ def main(network, outdir, seeds, subdirs, class_idx, batch_size, grid, encode, l
     with user_errors():  # rank 0 looks; every rank stops with its message
         distributed.main_only(lambda: check_outputs(outdir, grid, paths, overwrite))
     net = load(network, device, opts, class_idx)
+    with user_errors():
+        settings.check(net)  # the solver's plan for this network, before any image
     work = modes[0] if modes and not temperature else f"{len(seeds)} images"
     name = repr(net) if isinstance(net, Guided) else type(net).__name__
     distributed.print0(f"{name}, D={format_D(net.D)}: "
@@ -180,6 +186,8 @@ def _run_directory(outdir, seeds, class_idx, batch_size, overwrite, opts, ckpt, 
                                    "or the run directory and --ckpt/--end_ckpt of its checkpoints")
     for kimg, path in states:
         net = load(str(path), device, opts, class_idx)
+        with user_errors():
+            settings.check(net)
         if save_images:
             target = Path(outdir) / f"ode_images_{kimg}.png"
             with user_errors():

@@ -151,6 +151,7 @@ def _preflight(c: EasyDict, dataset, run_dir: Path, resume: str | None) -> Path 
 def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, resume: str | None,
            name: str | None = None) -> None:
     from training.datasets.format import DatasetError
+    from training.samplers import PlanError
     from training.train import training_loop
     from training.train.stats import Diverged
 
@@ -180,7 +181,7 @@ def _train(c: EasyDict, dataset, outdir: Path, run_desc: str, nosubdir: bool, re
     log.info(f"run directory: {run_dir}")
     try:
         training_loop(c, run_dir, dataset, config.build_loss(c), config.augment_pipe(c), resume=state)
-    except (OSError, distributed.DistributedFailure, Diverged, DatasetError) as error:  # an image unreadable mid-run
+    except (OSError, distributed.DistributedFailure, Diverged, DatasetError, PlanError) as error:
         message = error_message(error)
         if distributed.is_main():  # where a batch job's user looks, beside the run's other lines
             with open(run_dir / "log.txt", "a") as f:

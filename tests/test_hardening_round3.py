@@ -44,6 +44,26 @@ def test_sampler_ranges_that_underflow_are_one_line_errors(net, tmp_path, option
     assert not list(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--rho=0.1"], "reach 0 in float64 arithmetic"),
+    (["--solver=restart", '--restart_info={"0": [3, 2, 100, 200]}'], "an interval must end below the start"),
+    (["--solver=pc"], "the reverse SDE needs the Gaussian kernel (D = inf)"),
+])  # fmt: skip
+def test_a_sampler_plan_the_network_refuses_is_found_before_any_work(net, tmp_path, monkeypatch, options, message):
+    """Found at the first batch: the progress bar had started, and an empty --outdir was left behind."""
+    from training.generation import seeded
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(seeded, "sample_seeds", no_sampling)
+    out = tmp_path / "images"
+    _one_line_error(_generate(["--network", net, "--outdir", out, "--seeds=0-3", *options]), message)
+    assert not out.exists()
+    _one_line_error(CliRunner().invoke(fid.main, ["gen", f"--network={net}", "--seeds=0-3", "--metrics=is",
+                                                  f"--detector={tmp_path / 'none.pt'}", *options]), message)
+
+
 def test_a_picture_or_a_folder_as_the_network_is_named_as_such(net, tmp_path):
     """Were "unexpected persistent id 'NG\\r'" and "no such file" for a folder that exists."""
     import numpy as np
@@ -375,3 +395,15 @@ def test_an_image_unreadable_mid_run_is_one_line(tmp_path):
     result = run_fid(["ref", f"--data={data}", f"--dest={tmp_path / 'ref.npz'}", "--workers=1",
                       f"--detector={write_detector(tmp_path / 'det.pt')}"], ok=False)
     assert "Error: cannot read " in result.output and "Original Traceback" not in result.output, result.output
+
+
+def test_a_metrics_sampler_the_network_refuses_stops_training_before_its_first_step(tmp_path):
+    """It would have ended the run at its first snapshot, after the first --snap ticks of training."""
+    from tests.detector_fixtures import write_detector
+
+    data = make_dataset(tmp_path / "d.zip", count=8, labels=False)
+    result = run_train(tmp_path / "run", [f"--data={data}", "--duration=0.000008", "--batch=4", "--metrics=is",
+                                          f"--detector={write_detector(tmp_path / 'det.pt')}",
+                                          "--metrics_solver=pfgm_euler"], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "the pfgm_* solvers are PFGM's sampler" in result.stderr and not (tmp_path / "run" / "stats.jsonl").exists()

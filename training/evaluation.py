@@ -39,6 +39,8 @@ def score(net, seeds: Sequence[int], names: Sequence[str], reference, detector, 
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2:
         raise ValueError(f"metrics need at least 2 images, got {len(seeds)} seeds")
+    settings = settings or SamplerSettings()
+    settings.check(net)  # the solver's plan for this network, before any image
     start, nfe = time.time(), []
 
     def batches():

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import tqdm
 
+from dnnlib import util
 from torch_utils import distributed, rng
 from training import ode
 from training.generation import images, seeded
@@ -84,15 +85,17 @@ def temperature(latents: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def save_latent(path: str | os.PathLike, latent: torch.Tensor) -> None:
-    """Write one latent [C, H, W] as float32 .npy or .pt (by the suffix)."""
+    """Write one latent [C, H, W] as float32 .npy or .pt (by the suffix), atomically, creating its folder."""
     path = Path(path)
-    array = latent.detach().to(torch.float32).cpu()
-    if path.suffix == ".npy":
-        np.save(path, array.numpy(), allow_pickle=False)
-    elif path.suffix == ".pt":
-        torch.save(array.clone(), path)
-    else:
+    if path.suffix not in (".npy", ".pt"):
         raise ValueError(f"{path}: latents are written as .npy or .pt")
+    array = latent.detach().to(torch.float32).cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with util.atomic_write(path) as f:
+        if path.suffix == ".npy":
+            np.save(f, array.numpy(), allow_pickle=False)
+        else:
+            torch.save(array.clone(), f)
 
 
 def load_latent(path: str | os.PathLike, shape: Sequence[int]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch_utils import rng
 from training.samplers import dpm_solver, edm, pfgm, restart, rk45, score_sde, unipc
 from training.samplers.base import SampleInfo, Solver
 
-__all__ = ["SOLVERS", "SampleInfo", "SamplerSettings", "Solver", "UnknownOptions", "check_options", "get",
+__all__ = ["SOLVERS", "PlanError", "SampleInfo", "SamplerSettings", "Solver", "UnknownOptions", "check_options", "get",
            "prior_latents", "sample"]
 
 SOLVERS: dict[str, Solver] = {
@@ -111,3 +111,37 @@ class SamplerSettings:
     def sample(self, net, latents: torch.Tensor, class_labels=None, **kwargs) -> torch.Tensor:
         """`sample` with these settings."""
         return sample(net, latents, class_labels, solver=self.solver, **self.options, **kwargs)
+
+    def check(self, net) -> None:
+        """PlanError when these settings cannot sample `net` (levels that underflow in float64, a restart interval
+        outside the levels, a solver for another kind of network): the solver's whole plan is run once, on one
+        latent, through a denoiser that returns zeros, so the error comes before any work instead of at the first
+        batch. Costs no network evaluation."""
+        proxy = _ZeroDenoiser(net)
+        device = next(iter(net.parameters())).device
+        generators = [torch.Generator(device).manual_seed(0)]
+        try:
+            self.sample(proxy, self.prior_latents(proxy, generators), generator=generators)
+        except ValueError as error:
+            raise PlanError(str(error)) from None
+
+
+class PlanError(ValueError):
+    """A sampler's settings that its plan refuses for the network at hand (`SamplerSettings.check`)."""
+
+
+class _ZeroDenoiser:
+    """A network's attributes (noise range, D, prior, shape) with a denoiser that returns zeros."""
+
+    evaluations_per_call = 1
+
+    def __init__(self, net):
+        self.net = net
+
+    def __getattr__(self, name: str):
+        if name == "net":
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+    def __call__(self, x: torch.Tensor, sigma, class_labels=None, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(x)

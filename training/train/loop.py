@@ -20,6 +20,7 @@ from torch_utils import distributed
 from training import checkpoint
 from training.checkpoint.formats import kimg_label
 from training.train import data, setup, snapshot
+from training.train.config import metrics_sampler
 from training.train.ema import Averages
 from training.train.report import Reporter
 from training.train.stats import Diverged, TickStats, divergence
@@ -61,6 +62,8 @@ def training_loop(c: dict, run_dir: str | os.PathLike, dataset, loss_fn, augment
         if distributed.is_main():
             log.info(f"resumed from {resume} at kimg {nimg / 1000:.3f} (step {step})")
 
+    if c["metrics"]:  # a sampler plan the network refuses would otherwise end the run at its first snapshot
+        metrics_sampler(c).check(net)
     metrics_setup = snapshot.open_metrics(c, device) if c["metrics"] else None
     batches = data.training_batches(dataset, c, step, device)
     references = data.reference_batches(dataset, c, step, device) if loss_fn.needs_reference else None
