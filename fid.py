@@ -355,7 +355,7 @@ def _report(records, networks, ranges, key, wanted, plot) -> None:
         best["metrics"][name] = sweep.best_record(name, rows, ranges, top)
         if plot is not None and name == wanted[0]:
             sweep.plot(plot, name, rows, top)
-    records.save(best)
+    records.save(best=best)
     click.echo(f"\nwrote {records.path}" + ("" if plot is None else f" and {plot}"))
 
 

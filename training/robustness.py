@@ -28,12 +28,12 @@ from pathlib import Path
 
 from dnnlib import util
 from training.pfgmpp import format_D
+from training.records import RecordsFile
 from training.samplers import SamplerSettings
 
 FORMAT, VERSION = "pfgmpp-robustness", 1
 AXES = {"alpha": "perturb_alpha", "steps": "num_steps", "bits": "quantize_bits"}  # axis -> the option it varies
 AXIS_LABELS = {"alpha": "injected noise α", "steps": "NFE", "bits": "weight bits"}
-RECORD_KEYS = frozenset({"identity", "axis", "value", "settings", "metrics", "results"})
 
 
 @dataclass(frozen=True)
@@ -94,52 +94,16 @@ def record(path: str, identity: str, D: float, cell: Cell, key: dict, names: Seq
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-class Records:
-    """The records of a study's JSON file; each `add` rewrites the file atomically."""
+class Records(RecordsFile):
+    """The records of a study's JSON file (training/records.py)."""
 
-    def __init__(self, path: str | os.PathLike, records: list[dict] | None = None):
-        self.path, self.records = Path(path), list(records or [])
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Records:
-        """The records in `path` (none when it does not exist); ValueError for a file that is not a study's."""
-        path = Path(path)
-        if not path.exists():
-            return cls(path)
-        try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a robustness study's file ({error}); choose another name") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), list):
-            raise ValueError(f"{path} is not a robustness study's file; choose another name")
-        if data.get("version") != VERSION:
-            raise ValueError(f"{path}: study file version {data.get('version')}; this program reads {VERSION}")
-        if not all(isinstance(r, dict) and RECORD_KEYS <= r.keys() for r in data["records"]):
-            raise ValueError(f"{path}: a record lacks one of {', '.join(sorted(RECORD_KEYS))}; remove it (it is "
-                             "evaluated again) or choose another file")
-        return cls(path, data["records"])
+    format, version, what = FORMAT, VERSION, "a robustness study's file"
+    required = frozenset({"identity", "axis", "value", "settings", "metrics", "results"})
+    identity = ("identity", "axis", "value", "settings")
 
     def find(self, identity: str, cell: Cell, key: dict, names: Sequence[str]) -> dict | None:
         """The record of this network (by content), cell and settings holding the metrics `names`, or None."""
-        for r in self.records:
-            if (r["identity"], r["axis"], r["value"], r["settings"]) == (identity, cell.axis, cell.value, key) \
-                    and set(names) <= set(r["metrics"]):
-                return r
-        return None
-
-    def add(self, new: dict) -> None:
-        """Add a record (replacing that of the same cell with fewer metrics) and write the file."""
-        def covered(r: dict) -> bool:
-            same = all(r[k] == new[k] for k in ("identity", "axis", "value", "settings"))
-            return same and set(r["metrics"]) <= set(new["metrics"])
-
-        self.records = [r for r in self.records if not covered(r)] + [new]
-        self.save()
-
-    def save(self) -> None:
-        """Write the file atomically."""
-        with util.atomic_write(self.path, "w") as f:
-            json.dump({"format": FORMAT, "version": VERSION, "records": self.records}, f, indent=1)
+        return self.match(dict(identity=identity, axis=cell.axis, value=cell.value, settings=key), names)
 
 
 # ------------------------------------------------------------------------------------------------

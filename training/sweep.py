@@ -36,12 +36,12 @@ from dnnlib import util
 from training import evaluation, generation, metrics, phema
 from training.checkpoint.formats import KIMG_PATTERN
 from training.generation import quantize
+from training.records import RecordsFile
 from training.samplers import SamplerSettings
 
 FORMAT, VERSION = "pfgmpp-fid-sweep", 1
 CLASSIC_NAME = re.compile(rf"network-snapshot-{KIMG_PATTERN}\.(?:pt|pkl|safetensors)")  # classic EMA (and EDM's pickles)
 SEED_RANGE = re.compile(r"\d+-\d+")
-RECORD_KEYS = frozenset({"network", "seeds", "settings", "metrics", "results"})  # what reading a record needs
 PLOT_HINT = "pip install matplotlib (or pip install -e '.[plot]')"
 
 
@@ -179,58 +179,29 @@ def record(network: Snapshot, seeds: range, names: Sequence[str], key: dict, sco
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-class Records:
-    """The records of a sweep's JSON file; each `add` rewrites the file atomically."""
+class Records(RecordsFile):
+    """The records of a sweep's JSON file (training/records.py), with the best evaluation beside them."""
 
-    def __init__(self, path: str | os.PathLike, records: list[dict] | None = None, best: dict | None = None):
-        self.path, self.records, self.best = Path(path), list(records or []), best
+    format, version, what = FORMAT, VERSION, "a fid.py sweep file"
+    required = frozenset({"network", "seeds", "settings", "metrics", "results"})
+    identity = ("network", "identity", "seeds", "settings")
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Records:
-        """The records in `path`, none when it does not exist; a ValueError for a file that is not a sweep's."""
-        path = Path(path)
-        if not path.exists():
-            return cls(path)
-        try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"--out={path} is not a fid.py sweep file ({error}); choose another name") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), list):
-            raise ValueError(f"--out={path} is not a fid.py sweep file; choose another name (a sweep adds to its own file only)")
-        if data.get("version") != VERSION:
-            raise ValueError(f"--out={path}: sweep file version {data.get('version')}; this program reads {VERSION}")
-        if not all(isinstance(r, dict) and RECORD_KEYS <= r.keys() for r in data["records"]):
-            raise ValueError(f"--out={path}: a record lacks one of {', '.join(sorted(RECORD_KEYS))}; was it edited by "
-                             "hand? Remove that record (it is evaluated again) or choose another file")
-        return cls(path, data["records"], data.get("best"))
+    def __init__(self, path: str | os.PathLike, records: list[dict] | None = None, best: dict | None = None, **fields):
+        super().__init__(path, records, best=best, **fields)  # "best" is in every sweep file, null until reported
+
+    @property
+    def best(self) -> dict | None:
+        return self.fields.get("best")
 
     def find(self, network: Snapshot, seeds: range, key: dict, names: Sequence[str]) -> dict | None:
-        """The record of `network` on `seeds` with the settings `key` holding the metrics `names`, or None."""
-        text, identity = evaluation.seed_ranges_text(seeds), util.content_identity(network.path)
-        for r in self.records:
-            if (r["network"], r.get("identity"), r["seeds"], r["settings"]) == (network.path, identity, text, key) \
-                    and set(names) <= set(r["metrics"]):
-                return r
-        return None
+        """The record of `network` (its path and contents) on `seeds` with the settings `key` holding the metrics
+        `names`, or None."""
+        return self.match(dict(network=network.path, identity=util.content_identity(network.path),
+                               seeds=evaluation.seed_ranges_text(seeds), settings=key), names)
 
     def others(self, key: dict) -> int:
         """How many records have other settings (kept in the file, never used for these)."""
         return sum(r["settings"] != key for r in self.records)
-
-    def add(self, new: dict) -> None:
-        """Add a record (replacing those of the same evaluation with fewer metrics) and write the file."""
-        def covered(r: dict) -> bool:
-            same = all(r.get(k) == new[k] for k in ("network", "identity", "seeds", "settings"))
-            return same and set(r["metrics"]) <= set(new["metrics"])
-
-        self.records = [r for r in self.records if not covered(r)] + [new]
-        self.save()
-
-    def save(self, best: dict | None = None) -> None:
-        """Write the file atomically, with `best` (else the one it holds)."""
-        self.best = best if best is not None else self.best
-        with util.atomic_write(self.path, "w") as f:
-            json.dump({"format": FORMAT, "version": VERSION, "records": self.records, "best": self.best}, f, indent=1)
 
 
 def pending(records: Records, networks: Sequence[Snapshot], ranges: Sequence[range], key: dict,
