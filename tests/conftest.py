@@ -34,3 +34,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def count_evaluations(monkeypatch):
+    """Counts `evaluation.score` calls (fid.py sweep, robustness); set `fail_at` to raise SystemExit(143) (a SIGTERM)
+    at that call instead."""
+    from training import evaluation
+
+    calls = {"count": 0, "fail_at": None}
+    real = evaluation.score
+
+    def counted(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == calls["fail_at"]:
+            raise SystemExit(143)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "score", counted)
+    return calls

@@ -39,3 +39,19 @@ def write_detector(path: Path, seed: int = 0) -> Path:
     """Save a scripted StandIn as a TorchScript file (what --detector=PATH accepts)."""
     path.write_bytes(script_bytes(StandIn(seed)))
     return path
+
+
+def stand_in_reference(root: Path) -> tuple[Path, Path]:
+    """(detector, reference statistics with features) in `root`: the stand-in detector and `fid.py ref` of 16 tiny
+    images, what the evaluation commands' tests score against."""
+    from click.testing import CliRunner
+
+    import fid
+    from tests.helpers import make_dataset
+
+    detector = write_detector(root / "det.pt")
+    data = make_dataset(root / "data.zip", count=16, labels=False)
+    result = CliRunner().invoke(fid.main, ["ref", f"--data={data}", f"--dest={root / 'ref.npz'}", f"--detector={detector}",
+                                           "--features=1", "--workers=0"])
+    assert result.exit_code == 0, result.output
+    return detector, root / "ref.npz"

@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 import fid
-from tests.detector_fixtures import write_detector
-from tests.helpers import make_dataset, tiny_network, torchrun
+from tests.detector_fixtures import stand_in_reference
+from tests.helpers import tiny_network, torchrun
 from tests.test_fid import run
-from training import checkpoint, evaluation, metrics, sweep
+from training import checkpoint, metrics, sweep
 from training.samplers import SamplerSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -35,28 +35,10 @@ def setup(tmp_path_factory):
         torch.manual_seed(i)
         checkpoint.save_network(root / "run" / name, tiny_network())
     (root / "run" / "training-state-000002.pt").write_bytes(b"not a network")  # never picked from a run directory
-    detector = write_detector(root / "det.pt")
-    data = make_dataset(root / "data.zip", count=16, labels=False)
-    run(["ref", f"--data={data}", f"--dest={root / 'ref.npz'}", f"--detector={detector}", "--features=1", "--workers=0"])
-    common = [f"--ref={root / 'ref.npz'}", f"--detector={detector}", "--batch=6", "--metrics=kid", *SAMPLER]
+    detector, ref = stand_in_reference(root)
+    common = [f"--ref={ref}", f"--detector={detector}", "--batch=6", "--metrics=kid", *SAMPLER]
     yield dict(root=root, run=root / "run", more=root / "more", common=common)
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def count_evaluations(monkeypatch):
-    """Counts `evaluation.score` calls; set `fail_at` to raise SystemExit(143) (a SIGTERM) at that call instead."""
-    calls = dict(count=0, fail_at=None)
-    real = evaluation.score
-
-    def counted(*args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == calls["fail_at"]:
-            raise SystemExit(143)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "score", counted)
-    return calls
 
 
 def records(path):

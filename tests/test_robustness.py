@@ -11,12 +11,11 @@ import torch
 from click.testing import CliRunner
 
 import fid
-from tests.detector_fixtures import write_detector
-from tests.helpers import make_dataset, tiny_network
+from tests.detector_fixtures import stand_in_reference
+from tests.helpers import tiny_network
 from tests.oracles import AnalyticDenoiser
-from tests.test_fid import run
 from torch_utils import rng
-from training import checkpoint, evaluation, generation, robustness
+from training import checkpoint, generation, robustness
 from training.generation import quantize
 from training.samplers import SamplerSettings
 
@@ -115,10 +114,8 @@ def study(tmp_path_factory):
     for i, D in enumerate([2.0, math.inf]):
         torch.manual_seed(i)
         checkpoint.save_network(root / f"D{i}.pt", tiny_network(D=D))
-    detector = write_detector(root / "det.pt")
-    data = make_dataset(root / "data.zip", count=16, labels=False)
-    run(["ref", f"--data={data}", f"--dest={root / 'ref.npz'}", f"--detector={detector}", "--features=1", "--workers=0"])
-    args = ["robustness", f"--networks={root / 'D0.pt'},{root / 'D1.pt'}", "--seeds=0-5", f"--ref={root / 'ref.npz'}",
+    detector, ref = stand_in_reference(root)
+    args = ["robustness", f"--networks={root / 'D0.pt'},{root / 'D1.pt'}", "--seeds=0-5", f"--ref={ref}",
             f"--detector={detector}", "--metrics=kid", "--batch=6", "--steps=3", "--alphas=0,0.2",
             "--steps_axis=2,3", "--bits_axis=4"]
     yield dict(root=root, args=args)
@@ -129,17 +126,9 @@ def _invoke(args):
     return CliRunner().invoke(fid.main, [str(a) for a in args])
 
 
-def test_a_killed_study_resumes_without_recomputing(study, tmp_path, monkeypatch):
-    calls = {"count": 0, "fail_at": 4}
-    real = evaluation.score
-
-    def counted(*args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == calls["fail_at"]:
-            raise SystemExit(143)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "score", counted)
+def test_a_killed_study_resumes_without_recomputing(study, tmp_path, count_evaluations):
+    calls = count_evaluations
+    calls["fail_at"] = 4
     out = tmp_path / "study.json"
     killed = _invoke([*study["args"], f"--out={out}", f"--plot={tmp_path / 'study.png'}"])
     assert killed.exit_code != 0
