@@ -407,3 +407,16 @@ def test_a_metrics_sampler_the_network_refuses_stops_training_before_its_first_s
                                           "--metrics_solver=pfgm_euler"], check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "the pfgm_* solvers are PFGM's sampler" in result.stderr and not (tmp_path / "run" / "stats.jsonl").exists()
+
+
+def test_likelihood_out_is_not_replaced_without_overwrite(net, tmp_path, monkeypatch):
+    """pfgmpp-likelihood --out replaced an existing file (the rule of fid.py calc --out, applied to every --out)."""
+    from training.cli import likelihood
+
+    data = make_dataset(tmp_path / "d.zip", count=4, labels=False)
+    out = tmp_path / "bpd.json"
+    out.write_text("an earlier result")
+    monkeypatch.setattr(likelihood, "dataset_bpd", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    result = CliRunner().invoke(likelihood.main, [f"--network={net}", f"--data={data}", f"--out={out}"])
+    _one_line_error(result, "exists; pass --overwrite to replace it")
+    assert out.read_text() == "an earlier result"

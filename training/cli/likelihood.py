@@ -17,7 +17,7 @@ from dnnlib import util
 from torch_utils import distributed
 from torch_utils.precision import set_tf32
 from training import generation
-from training.cli import exit_on_signals, user_errors
+from training.cli import error_message, exit_on_signals, user_errors
 from training.datasets import ImageFolderDataset
 from training.generation.likelihood import ESTIMATORS, check_prior, dataset_bpd
 from training.pfgmpp import format_D
@@ -40,17 +40,19 @@ from training.samplers.levels import flow_range
 @click.option("--seed", help="Seed of the subset, dequantisation and probes", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--workers", help="Data loader processes", metavar="INT", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--per_image", help="Also store every image's bits/dim in the JSON", is_flag=True)
-def main(network, data, out, num, batch_size, seed, workers, per_image, **options):
+@click.option("--overwrite", help="Replace --out if it exists", is_flag=True)
+def main(network, data, out, num, batch_size, seed, workers, per_image, overwrite, **options):
     """Bits/dim of a dataset under a trained network (any D), on one or many GPUs (torchrun)."""
     with user_errors():
         device = distributed.init()
     with user_errors():
         if out is not None:
-            distributed.main_only(lambda: util.check_output(out, "--out", overwrite=True))
+            distributed.main_only(lambda: util.check_output(out, "--out", overwrite))
         net = generation.load_guided(network, device)
         check_prior(net)
         dataset = ImageFolderDataset(data, max_size=num, random_seed=seed, use_labels=bool(getattr(net, "label_dim", 0)))
         generation.check_image_shape(net, dataset.image_shape, data)
+        dataset.check_images()  # an odd or cut-short image is found now, not after hours of ODE solves
         if options["estimator"] == "exact" and math.prod(dataset.image_shape) > 4096:
             raise ValueError(f"--estimator=exact needs {math.prod(dataset.image_shape)} backward passes per network call; "
                              "use --estimator=rademacher for images this large")
@@ -61,7 +63,7 @@ def main(network, data, out, num, batch_size, seed, workers, per_image, **option
     try:
         result = dataset_bpd(net, dataset, batch_size, device, seed=seed, workers=workers, progress=True, **options)
     except (ValueError, RuntimeError) as error:
-        raise click.ClickException(str(error)) from None
+        raise click.ClickException(error_message(error)) from None
     lo, hi = flow_range(net, options["sigma_min"], options["sigma_max"])
     result.update(options)
     result.update(network=network, data=data, D=format_D(float(net.D)), sigma_min=lo, sigma_max=hi, seed=seed)
