@@ -2,9 +2,19 @@
 
 import functools
 import http.server
+import os
 import threading
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (-n 2), one intra-op thread per worker: the workers share the cores, and spinning OpenMP
+    threads of two processes on two cores slow both many times over (the `one_thread` fixture's reason)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
