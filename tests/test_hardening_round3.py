@@ -239,6 +239,25 @@ def test_a_diverged_run_stops_and_writes_nothing_of_that_tick(tmp_path):
     assert message in (run / "log.txt").read_text()
 
 
+def test_every_rank_stops_together_when_the_run_diverges(tmp_path):
+    """The ranks decide on the same reduced statistics: none waits in a collective for another that stopped."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, TINY, free_port, subprocess_env
+
+    data = make_dataset(tmp_path / "d.zip", count=16, labels=False)
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "elastic.py"), "--nproc_per_node=2", "--nnodes=1",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "train.py"),
+                             f"--outdir={tmp_path / 'run'}", "--nosubdir", *TINY, f"--data={data}", "--duration=0.0002",
+                             "--lr=1e8", "--batch=4", "--tick=0.008", "--snap=1", "--dump=1", "--grid=0"],
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    assert "Error: training diverged at kimg 0.016 (step 4)" in output and "Rank 0 says which training state" in output
+    assert "the last training state is training-state-000000.pt" in output and "launch/elastic.py: train.py failed" in output
+
+
 @pytest.mark.parametrize("loss, skipped, seen", [
     (1.0, 0, None), (1.0, 2, None), (1.0, 3, "3 of its 4 steps had non-finite gradients"),
     (math.inf, 0, "the loss is inf"), (math.nan, 4, "the loss is nan; 4 of its 4 steps had non-finite gradients"),

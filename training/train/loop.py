@@ -138,9 +138,11 @@ def _save_state(c: dict, run_dir: Path, net, averages: Averages, opt, step: int,
 
 def _diverged_message(run_dir: Path, seen: str, stats: dict) -> str:
     """What a diverged run says: what was seen, that nothing of the tick was written, and where to go on from."""
-    state = checkpoint.find_resume_state(run_dir) if distributed.is_main() else None
+    head = f"training diverged at kimg {stats['kimg']:.3f} (step {stats['step']}): {seen}."
+    if not distributed.is_main():
+        return f"{head} Rank 0 says which training state to start again from"
+    state = checkpoint.find_resume_state(run_dir)
     change = "a lower --lr, a longer --lr_rampup or --precision=fp32"
     where = (f"the last training state is {state.name}: start a new run from its weights with --transfer={state} and "
              f"{change}" if state is not None else f"no training state was written before it: start again with {change}")
-    return (f"training diverged at kimg {stats['kimg']:.3f} (step {stats['step']}): {seen}. Nothing of this tick was "
-            f"written (its statistics are in stats.jsonl); {where}")
+    return f"{head} Nothing of this tick was written (its statistics are in stats.jsonl); {where}"
