@@ -116,18 +116,12 @@ def load_weights(net: torch.nn.Module, state_dict: dict, source: str) -> None:
             tensor.copy_(state_dict[name])
 
 
-def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The names of the floating-point tensors of `tensors` holding NaN or inf (one host sync for them all)."""
-    floats = [(n, t) for n, t in tensors.items() if t.is_floating_point()]
-    if not floats:
-        return []
-    finite = torch.stack([torch.isfinite(t).all().to(floats[0][1].device) for _, t in floats]).tolist()
-    return [n for (n, _), ok in zip(floats, finite) if not ok]
-
-
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """ValueError naming the tensors of `what` that hold NaN or inf: weights that are no model, never written as one."""
-    names = nonfinite_tensors(tensors)
+    """ValueError naming the tensors of `what` that hold NaN or inf (one host sync for them all): weights that are no
+    model, never written as one."""
+    floats = [(n, t) for n, t in tensors.items() if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all().to(floats[0][1].device) for _, t in floats]).tolist() if floats else []
+    names = [n for (n, _), ok in zip(floats, finite) if not ok]
     if names:
         raise ValueError(f"{what}: the weights are not finite (NaN or inf in {', '.join(names[:3])}"
                          f"{' and more' if len(names) > 3 else ''})")

@@ -61,10 +61,10 @@ def list_files(root: str | os.PathLike) -> list[str]:
 
     names, reached = [], {os.path.realpath(root): os.fspath(root)}
     for folder, dirs, files in os.walk(root, onerror=fail, followlinks=True):
-        for name in list(dirs):
+        here = os.path.realpath(folder)
+        for name in dirs:
             path = os.path.join(folder, name)
             real = os.path.realpath(path)
-            here = os.path.realpath(folder)
             if here == real or here.startswith(real + os.sep):
                 why = f"a symbolic link to {real}, a folder that contains it"
             elif real in reached:

@@ -118,7 +118,7 @@ class SamplerSettings:
         latent, through a denoiser that returns zeros, so the error comes before any work instead of at the first
         batch. Costs no network evaluation."""
         proxy = _ZeroDenoiser(net)
-        device = next(iter(net.parameters())).device
+        device = next(iter([*net.parameters(), *net.buffers()]), torch.empty(0)).device
         generators = [torch.Generator(device).manual_seed(0)]
         try:
             self.sample(proxy, self.prior_latents(proxy, generators), generator=generators)
